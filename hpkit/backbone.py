@@ -1,0 +1,269 @@
+"""The frozen self-supervised ViT: patch features and last-block attention logits.
+
+``load_backbone(name)`` builds a timm ViT, loads weights, freezes it and wraps it in
+:class:`FrozenViT`, whose forward returns for images (B, 3, H, W) in [0, 1]:
+
+- ``feats`` (B, C, h, w): last-block tokens after the final LayerNorm, CLS dropped (the ``f`` of
+  the paper; section 1.1 of the reference notes);
+- ``attn_logits`` (B, heads, P, P): the last block's *pre-softmax* patch-to-patch logits
+  ``q_i . k_j / sqrt(d_head)`` (CLS row and column dropped), recomputed from q and k because timm's
+  fused attention never materialises them (as DINO's ``get_last_selfattention``, before softmax).
+
+Names: ``dino_vits8``, ``dino_vits16``, ``dino_vitb8``, ``dino_vitb16`` (timm's ``*.dino`` configs),
+``random_tiny`` (a randomly initialised ViT with patch 8, width 192, depth 6, 3 heads: shapes right,
+features meaningless; for tests) and ``auto``. Weights come from ``weights=PATH`` (official DINO
+``.pth`` files, with or without ``teacher``/``student``, ``module.`` and ``backbone.``; timm
+``.pth``/``.safetensors`` files), from the local weights folder (``$HPKIT_WEIGHTS`` or
+``~/.cache/hpkit/weights``), from the Hugging Face cache, or from the hub when online.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BackboneSpec", "BACKBONES", "BackboneOutput", "FrozenViT", "load_backbone", "weights_dir",
+           "load_state_dict_file", "BackboneWeightsError"]
+
+_DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one named backbone."""
+
+    timm_name: str
+    patch_size: int
+    dino_file: str | None = None  # official DINO checkpoint name (without .pth)
+    timm_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = True
+
+    @property
+    def url(self) -> str | None:
+        return _DINO_URL.format(self.dino_file) if self.dino_file else None
+
+    @property
+    def hub_id(self) -> str | None:
+        return f"timm/{self.timm_name}" if self.pretrained else None
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dino_vits8": BackboneSpec("vit_small_patch8_224.dino", 8, "dino_deitsmall8_pretrain"),
+    "dino_vits16": BackboneSpec("vit_small_patch16_224.dino", 16, "dino_deitsmall16_pretrain"),
+    "dino_vitb8": BackboneSpec("vit_base_patch8_224.dino", 8, "dino_vitbase8_pretrain"),
+    "dino_vitb16": BackboneSpec("vit_base_patch16_224.dino", 16, "dino_vitbase16_pretrain"),
+    "random_tiny": BackboneSpec("vit_tiny_patch16_224", 8, None,
+                                dict(patch_size=8, embed_dim=192, depth=6, num_heads=3, img_size=224),
+                                pretrained=False),
+}
+
+
+class BackboneWeightsError(FileNotFoundError):
+    """Raised when pretrained weights are neither on disk nor downloadable."""
+
+
+class BackboneOutput(NamedTuple):
+    feats: Tensor  # (B, C, h, w)
+    attn_logits: Tensor | None  # (B, heads, P, P), P = h * w
+
+
+def weights_dir() -> Path:
+    """Folder searched for backbone weights: ``$HPKIT_WEIGHTS`` or ``~/.cache/hpkit/weights``."""
+    return Path(os.environ.get("HPKIT_WEIGHTS", Path.home() / ".cache" / "hpkit" / "weights"))
+
+
+class FrozenViT(nn.Module):
+    """A frozen timm ViT that returns patch features and last-block attention logits.
+
+    Attributes: ``name``, ``patch_size``, ``embed_dim`` (C), ``num_heads``, ``mean``/``std`` (the
+    normalisation applied inside ``forward``).
+    """
+
+    def __init__(self, vit: nn.Module, name: str, patch_size: int):
+        super().__init__()
+        self.vit = vit
+        self.name = name
+        self.patch_size = patch_size
+        self.embed_dim = vit.embed_dim
+        self.num_heads = vit.blocks[-1].attn.num_heads
+        cfg = getattr(vit, "pretrained_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenViT":
+        """The backbone stays in eval mode (frozen, no dropout); ``train()`` is a no-op."""
+        return super().train(False)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid ``(h, w)`` of an image of the given size (must be multiples of the patch)."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {p}: resize or crop it "
+                f"to e.g. {max(p, height // p * p)}x{max(p, width // p * p)} first")
+        return height // p, width // p
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, *, attention: bool = True) -> BackboneOutput:
+        """Features and attention logits of images.
+
+        Args:
+            images: (B, 3, H, W) RGB in [0, 1], H and W multiples of ``patch_size`` (normalised inside).
+            attention: also return the last block's attention logits (costs B * heads * P^2 floats).
+
+        Returns:
+            ``BackboneOutput(feats (B, C, h, w), attn_logits (B, heads, P, P) or None)``.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
+        h, w = self.grid(images.shape[2], images.shape[3])
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"images must be un-normalised RGB in [0, 1], got values in [{lo:.2f}, {hi:.2f}]; "
+                             "hpkit applies the backbone's mean/std itself")
+        vit = self.vit
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        x = vit.patch_embed(x)
+        x = vit._pos_embed(x)
+        x = vit.norm_pre(x)
+        for blk in vit.blocks[:-1]:
+            x = blk(x)
+        last = vit.blocks[-1]
+        logits = self._attention_logits(last, x) if attention else None
+        x = vit.norm(last(x))
+        feats = x[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return BackboneOutput(feats, logits)
+
+    def _attention_logits(self, block: nn.Module, x: Tensor) -> Tensor:
+        attn = block.attn
+        b, t, _ = x.shape
+        qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        start = self.vit.num_prefix_tokens
+        q, k = q[:, :, start:], k[:, :, start:]
+        return (q * attn.scale) @ k.transpose(-2, -1)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a ViT state dict from an official DINO ``.pth``, a timm ``.pth`` or a ``.safetensors`` file.
+
+    Unwraps ``teacher`` (preferred) / ``student`` / ``model`` / ``state_dict`` entries, strips the
+    ``module.`` and ``backbone.`` prefixes and drops the DINO projection head (``head.*``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneWeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - report the file, not the unpickler
+            raise BackboneWeightsError(f"could not read {path} as a PyTorch checkpoint: {err}") from err
+    for key in ("teacher", "student", "model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("head."):
+            continue
+        out[k] = v
+    return out
+
+
+def _local_weights(spec: BackboneSpec) -> Path | None:
+    """A weights file for ``spec`` already on this machine, or None (never touches the network)."""
+    folder = weights_dir()
+    for name in (f"{spec.dino_file}.pth", f"{spec.timm_name}.safetensors", f"{spec.timm_name}.pth"):
+        if name and (folder / name).is_file():
+            return folder / name
+    if spec.hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec.hub_id, "model.safetensors")
+            if isinstance(cached, str) and Path(cached).is_file():
+                return Path(cached)
+        except Exception:  # noqa: BLE001 - an unreadable cache just means "not cached"
+            return None
+    return None
+
+
+def _build_vit(spec: BackboneSpec) -> nn.Module:
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                             **spec.timm_kwargs)
+
+
+def _load_into(vit: nn.Module, path: Path, name: str) -> None:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = checkpoint_filter_fn(load_state_dict_file(path), vit)
+    result = vit.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BackboneWeightsError(
+            f"{path} does not fit backbone {name!r}: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}; check that the file is for this architecture")
+
+
+def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> FrozenViT:
+    """Build a frozen ViT backbone.
+
+    Args:
+        name: a key of ``BACKBONES`` or ``"auto"`` (DINO ViT-S/8 when its weights are on this
+            machine, otherwise ``random_tiny`` with a warning).
+        weights: optional path to a checkpoint (official DINO ``.pth``, timm ``.pth`` or
+            ``.safetensors``); overrides every other source.
+        device: where to put the model.
+
+    Returns:
+        a :class:`FrozenViT` in eval mode with ``requires_grad=False``.
+
+    Raises:
+        BackboneWeightsError: pretrained weights were requested but are neither local nor downloadable.
+        ValueError: unknown name.
+    """
+    if name == "auto":
+        found = _local_weights(BACKBONES["dino_vits8"]) if weights is None else Path(weights)
+        if found is not None:
+            return load_backbone("dino_vits8", weights=found, device=device)
+        warnings.warn("hpkit: no DINO ViT-S/8 weights on this machine; using the randomly initialised "
+                      "'random_tiny' backbone (features are meaningless). See README 'Backbones'.",
+                      stacklevel=2)
+        name = "random_tiny"
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or 'auto'")
+    spec = BACKBONES[name]
+    vit = _build_vit(spec)
+    if weights is not None:
+        _load_into(vit, Path(weights), name)
+    elif spec.pretrained:
+        local = _local_weights(spec)
+        if local is not None:
+            _load_into(vit, local, name)
+        else:
+            try:
+                vit = timm.create_model(spec.timm_name, pretrained=True, num_classes=0, dynamic_img_size=True,
+                                        **spec.timm_kwargs)
+            except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
+                raise BackboneWeightsError(
+                    f"no weights for {name!r} on this machine and the download failed ({type(err).__name__}: "
+                    f"{str(err)[:200]}).\nFetch {spec.url} on a machine with internet and either save it "
+                    f"as {weights_dir() / (spec.dino_file + '.pth')} or pass weights=PATH "
+                    f"(the timm hub copy '{spec.hub_id}' works too).") from err
+    return FrozenViT(vit, name, spec.patch_size).to(device)

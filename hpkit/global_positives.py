@@ -1,0 +1,92 @@
+"""Global hidden positives (GHP), Eq. 2-4 of the paper.
+
+For every anchor feature ``x_i`` (a backbone feature ``f_i`` for the task-agnostic set, a momentum-head
+feature ``s'_i`` for the task-specific set) the *criterion* is its similarity to the closest entry of
+a reference pool (Eq. 2)::
+
+    c_i = max_m <q_m, x_i>
+
+and patch ``j`` of the mini-batch is a hidden positive of ``i`` when (Eq. 3 / Eq. 4)::
+
+    <x_i, x_j> > c_i   or   <x_i, x_j> > c_j        (symmetric rule, the paper's default)
+    <x_i, x_j> > c_i                                 (non-symmetric variant, Table 4 (e))
+
+All vectors are L2-normalised, so ``<.,.>`` is the cosine similarity. Only ``j == i`` is excluded:
+other patches of the anchor's own image may be positives (difference D16 of the reference notes;
+this matches the paper's "different patch features in the mini-batch").
+
+Rows are image-major everywhere: row ``b * P + y * w + x`` is patch ``(y, x)`` of image ``b``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["criterion", "positive_mask", "global_hidden_positives"]
+
+
+def criterion(x: Tensor, pool: Tensor, *, chunk_size: int = 8192) -> Tensor:
+    """Eq. 2: similarity of each row to its closest pool entry.
+
+    Args:
+        x: (N, d) L2-normalised anchor features.
+        pool: (M, d) L2-normalised reference pool.
+        chunk_size: rows processed at a time (bounds memory to ``chunk_size * M``).
+
+    Returns:
+        (N,) criterion ``c``.
+    """
+    if x.shape[-1] != pool.shape[-1]:
+        raise ValueError(
+            f"feature width {x.shape[-1]} does not match the reference pool width {pool.shape[-1]}: "
+            "build the task-agnostic pool from backbone features and the task-specific pool from "
+            "momentum-head features"
+        )
+    pool = pool.to(device=x.device, dtype=x.dtype)
+    return torch.cat([(rows @ pool.T).amax(dim=1) for rows in x.split(chunk_size)])
+
+
+def positive_mask(
+    x_rows: Tensor,
+    x_all: Tensor,
+    c_rows: Tensor,
+    c_all: Tensor,
+    *,
+    row_offset: int = 0,
+    symmetric: bool = True,
+) -> Tensor:
+    """Eq. 3 / 4 for a block of anchor rows against every patch of the mini-batch.
+
+    Args:
+        x_rows: (n, d) anchor features, rows ``row_offset .. row_offset + n`` of ``x_all``.
+        x_all: (N, d) all features of the mini-batch.
+        c_rows: (n,) criteria of the anchors.
+        c_all: (N,) criteria of every patch.
+        row_offset: index of the first anchor row in ``x_all`` (used to exclude self-pairs).
+        symmetric: use the symmetric OR rule (Eq. 3); ``False`` keeps only ``sim > c_i``.
+
+    Returns:
+        (n, N) bool mask, ``mask[r, j]`` = patch ``j`` is a positive of anchor ``row_offset + r``.
+    """
+    sim = x_rows @ x_all.T
+    mask = sim > c_rows[:, None]
+    if symmetric:
+        mask |= sim > c_all[None, :]
+    rows = torch.arange(x_rows.shape[0], device=mask.device)
+    mask[rows, rows + row_offset] = False
+    return mask
+
+
+def global_hidden_positives(x: Tensor, pool: Tensor, *, symmetric: bool = True) -> Tensor:
+    """Dense GHP mask for the whole mini-batch (teaching and visualisation; O(N^2) memory).
+
+    Args:
+        x: (N, d) L2-normalised features (backbone ``f`` or momentum-head ``s'``).
+        pool: (M, d) L2-normalised reference pool of the same kind.
+
+    Returns:
+        (N, N) bool mask of hidden positives (diagonal False).
+    """
+    c = criterion(x, pool)
+    return positive_mask(x, x, c, c, symmetric=symmetric)

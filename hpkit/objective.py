@@ -1,0 +1,433 @@
+"""The HP contrastive objective (Eq. 5, 6, 10, 11), plain Eq. 1, the regulariser and the lambda schedule.
+
+Notation (image-major rows, ``N = B * P``): ``z`` (N, D) projections of the clean view, ``z_mix``
+(N, D) projections of the LHP-mixed features, ``f`` (N, C) backbone features and ``s'`` (N, D)
+momentum-head features used only to *select* positives, ``tau`` the temperature. ``A`` / ``S`` are the
+task-agnostic / task-specific positive masks (Eq. 3 / 4), ``R`` the random-negative mask (rate rho).
+
+``style="paper"`` (the equations as written)::
+
+    L^cont(a_i, P, N) = -1/|P| sum_{p in P} log( exp(<a_i, z_p>/tau) / sum_{n in N u P} exp(<a_i, z_n>/tau) )
+    Phi^t_i = L^cont(z_i,     P^t_i, N^t_i)        Psi^t_i = L^cont(z_mix_i, P^t_i, N^t_i)      (t = ag, sp)
+    L = mean_{i in V^ag} (Phi^ag_i + Psi^ag_i) + lam * mean_{i in V^sp} (Phi^sp_i + Psi^sp_i)
+
+  with ``N^t_i = R_i \\ P^t_i`` (one random draw, so the two negative sets differ exactly by their
+  positives), ``V^t`` the anchors with at least one positive of kind ``t``, self excluded everywhere.
+  Psi contrasts ``z_mix_i`` against the clean ``z`` (Eq. 10). The regulariser ``alpha * R`` of Eq. 11
+  is added by the training loop (:func:`consistency_regularizer`).
+
+``style="official"`` (the official ``SupConLoss``, section 1.9 of the reference notes)::
+
+    w_ij = A_ij + lam * S_ij                 joint weights, one term per branch          (D1)
+    D_i  = (A_i u R_i) \\ {i}                 one denominator; S-only positives not in it (D1, D13)
+    V_b  = {i in image b : sum_j A_ij > 0}   validity decided by A alone                 (D17)
+    Phi_b = - sum_{i in V_b} sum_j w_ij (x_ij - LSE_{D_i} x_i) / sum_{i in V_b} sum_j w_ij   (pair average)
+    Psi_b = the same with x_mix_ij = <z_mix_i, z_mix_j>/tau   (mix against mix)         (D2)
+    L = (tau / 0.07) * 1/(2B) * sum_b (Phi_b + Psi_b)
+
+  and, when ``negatives`` is not given, one (P, N) Bernoulli(rho) mask shared by every anchor image
+  (D13). An image without valid anchors contributes 0 (the official code would return NaN).
+
+Memory and speed (hot spot H1): nothing of size N x N is ever held. Anchors are processed in chunks
+of rows; for each chunk the value *and* its gradient with respect to ``z`` and ``z_mix`` are computed
+at once (``dL/dx_ij = softmax_D(x_i)_j - [j in P_i]/|P_i|`` for the paper style) and accumulated into
+(N, D) buffers, so backward is a multiplication and the peak memory is O(chunk x N) in forward and
+backward. Log-sum-exp over masked logits replaces exp/log of masked products. The official style
+chunks by whole images (its pair average is per image), so its chunks hold at least P rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .global_positives import criterion, positive_mask
+from .local_positives import neighbour_index
+
+__all__ = [
+    "hp_objective",
+    "self_contrastive_loss",
+    "consistency_regularizer",
+    "lambda_schedule",
+    "default_chunk_size",
+    "OFFICIAL_BASE_TEMPERATURE",
+]
+
+OFFICIAL_BASE_TEMPERATURE = 0.07
+"""SupCon's ``base_temperature``: the official loss is scaled by ``tau / 0.07``."""
+
+_CHUNK_ELEMENTS = 1 << 22  # ~4 M entries (16 MB in fp32) per (chunk, N) buffer by default
+
+
+def _work(x: Tensor) -> Tensor:
+    """Compute in at least float32 (fp16/bf16 inputs under AMP are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def default_chunk_size(n: int) -> int:
+    """Anchor rows per chunk so that each (chunk, N) buffer holds about 4 M entries."""
+    return max(1, min(n, _CHUNK_ELEMENTS // max(n, 1)))
+
+
+class _GradientInForward(torch.autograd.Function):
+    """Scalar whose gradients were already computed during the forward pass.
+
+    ``compute(*tensors)`` returns ``(value, grads)``; backward multiplies ``grads`` by the incoming
+    gradient. Used by the chunked objectives so that each chunk's (chunk, N) buffers exist once.
+    """
+
+    @staticmethod
+    def forward(ctx, compute: Callable, *tensors: Tensor | None) -> Tensor:  # type: ignore[override]
+        value, grads = compute(*tensors)
+        ctx.has_grad = [g is not None for g in grads]
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        saved = iter(ctx.saved_tensors)
+        grads = [grad_out * next(saved) if has else None for has in ctx.has_grad]
+        return (None, *grads)
+
+
+def _contrast_rows(x: Tensor, pos: Tensor, den: Tensor, want_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Eq. 5 for a block of anchors given their logits.
+
+    Args:
+        x: (n, N) logits ``<a_i, c_j> / tau``.
+        pos: (n, N) bool positive sets ``P_i``.
+        den: (n, N) bool denominator sets ``N_i u P_i``.
+
+    Returns:
+        loss: (n,) ``L^cont`` per anchor (0 for anchors without positives),
+        valid: (n,) bool, anchors with at least one positive,
+        grad: (n, N) ``dloss_i / dx_ij`` (zero rows for invalid anchors), or None.
+    """
+    count = pos.sum(dim=1)
+    valid = count > 0
+    x_den = x.masked_fill(~den, -math.inf)
+    lse = torch.logsumexp(x_den, dim=1)
+    pos_mean = torch.where(pos, x, 0.0).sum(dim=1) / count.clamp(min=1)
+    loss = torch.where(valid, lse - pos_mean, 0.0)
+    grad = None
+    if want_grad:
+        safe_lse = torch.where(valid, lse, 0.0)
+        grad = torch.exp(x_den - safe_lse[:, None]) - pos / count.clamp(min=1)[:, None]
+        grad = torch.where(valid[:, None], grad, 0.0)
+    return loss, valid, grad
+
+
+def _negative_rows(
+    negatives: Tensor | None, start: int, n: int, total: int, patches_per_image: int, rho: float,
+    device: torch.device, generator: torch.Generator | None,
+) -> Tensor:
+    """(n, N) bool random-negative rows for anchors ``start .. start + n``."""
+    if negatives is None:
+        if rho >= 1.0:
+            return torch.ones(n, total, dtype=torch.bool, device=device)
+        return torch.rand(n, total, device=device, generator=generator) < rho
+    rows = torch.arange(start, start + n, device=negatives.device)
+    if negatives.shape[0] == patches_per_image and negatives.shape[0] != total:
+        rows = rows % patches_per_image
+    return negatives[rows].to(device)
+
+
+def _check_inputs(z, f, s_ema, pool_ag, pool_sp, z_mix, negatives, neighbour_weights, patches_per_image,
+                  tau, rho, style, task_specific, lam) -> None:
+    if style not in ("paper", "official"):
+        raise ValueError(f"style must be 'paper' or 'official', got {style!r}")
+    if z.dim() != 2:
+        raise ValueError(f"z must be (N, D) rows, got shape {tuple(z.shape)}; flatten (B, D, h, w) maps "
+                         "with hpkit.heads.to_rows")
+    n = z.shape[0]
+    if patches_per_image <= 0 or n % patches_per_image:
+        raise ValueError(f"N={n} rows is not a multiple of patches_per_image={patches_per_image}")
+    if f.shape[0] != n:
+        raise ValueError(f"f has {f.shape[0]} rows but z has {n}")
+    if task_specific and lam != 0 and (s_ema is None or pool_sp is None or s_ema.shape[0] != n):
+        raise ValueError("the task-specific set needs s_ema with N rows and pool_sp; pass task_specific=False "
+                         "or lam=0 to train without it")
+    if z_mix is not None and z_mix.shape != z.shape:
+        raise ValueError(f"z_mix must have the shape of z {tuple(z.shape)}, got {tuple(z_mix.shape)}")
+    if z_mix is not None and neighbour_weights is not None:
+        raise ValueError("give z_mix (gradient propagation) or neighbour_weights (loss propagation), not both")
+    if neighbour_weights is not None:
+        if style != "paper":
+            raise ValueError("loss propagation (Table 5) is not part of the official code; use style='paper'")
+        b = n // patches_per_image
+        if (neighbour_weights.dim() != 4 or neighbour_weights.shape[:2] != (b, 9)
+                or neighbour_weights.shape[2] * neighbour_weights.shape[3] != patches_per_image):
+            raise ValueError(f"neighbour_weights must be (B, 9, h, w) with B={b} and h*w={patches_per_image}, "
+                             f"got {tuple(neighbour_weights.shape)}")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho is a rate in [0, 1] (0.02 means 2 %), got {rho}")
+    if negatives is not None:
+        if negatives.dtype != torch.bool or negatives.dim() != 2 or negatives.shape[1] != n or \
+                negatives.shape[0] not in (patches_per_image, n):
+            raise ValueError(f"negatives must be a bool mask of shape ({patches_per_image}, {n}) or ({n}, {n}), "
+                             f"got {negatives.dtype} {tuple(negatives.shape)}")
+
+
+def hp_objective(
+    z: Tensor,
+    f: Tensor,
+    s_ema: Tensor | None,
+    pool_ag: Tensor,
+    pool_sp: Tensor | None,
+    *,
+    patches_per_image: int,
+    lam: float,
+    tau: float,
+    rho: float,
+    z_mix: Tensor | None = None,
+    style: str = "paper",
+    negatives: Tensor | None = None,
+    symmetric: bool = True,
+    task_specific: bool = True,
+    chunk_size: int | None = None,
+    neighbour_weights: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The HP contrastive loss with global hidden positives and (optionally) LHP, as a scalar.
+
+    Args:
+        z: (N, D) L2-normalised projections of the clean view, ``N = B * patches_per_image``.
+        f: (N, C) L2-normalised backbone features (task-agnostic selection, Eq. 3).
+        s_ema: (N, D) L2-normalised momentum-head features (task-specific selection, Eq. 4).
+        pool_ag: (M, C) task-agnostic reference pool ``Q^ag`` (L2-normalised).
+        pool_sp: (M', D) task-specific reference pool ``Q^sp`` (L2-normalised).
+        patches_per_image: ``P = h * w``.
+        lam: weight of the task-specific set (lambda of Eq. 11, 0 -> 1 during training).
+        tau: temperature.
+        rho: random-negative rate (0.02 = 2 %); ignored where ``negatives`` is given.
+        z_mix: (N, D) L2-normalised projections of the LHP-mixed features ``Z(s_mix)``; enables Psi
+            (gradient propagation, Eq. 10). ``None``: no LHP term.
+        style: ``"paper"`` or ``"official"`` (see the module docstring).
+        negatives: optional bool mask of random negatives, (P, N) shared by every anchor image or
+            (N, N) per anchor. ``None``: drawn with rate ``rho`` (shared (P, N) for ``"official"``).
+        symmetric: symmetric selection rule (Eq. 3); ``False`` for Table 4 (e).
+        task_specific: use the task-specific set ``P^sp`` (Table 4 rows (c), (d) switch it off).
+        chunk_size: anchor rows per chunk (``None``: about 4 M entries per (chunk, N) buffer). The
+            official style rounds it to whole images.
+        neighbour_weights: (B, 9, h, w) LHP weights from :func:`hpkit.local_weights`; replaces Psi by
+            loss propagation (Table 5): each selected neighbour ``j`` of anchor ``i`` takes the anchor's
+            loss ``L^cont(z_j, P_i, N_i)`` with weight ``t_ij / sum_k t_ik``. Paper style only.
+        generator: random generator for the negative draw.
+
+    Returns:
+        scalar loss, differentiable in ``z`` and ``z_mix``.
+    """
+    _check_inputs(z, f, s_ema, pool_ag, pool_sp, z_mix, negatives, neighbour_weights, patches_per_image,
+                  tau, rho, style, task_specific, lam)
+    n, p = z.shape[0], patches_per_image
+    use_sp = task_specific and lam != 0
+    device = z.device
+
+    # Selection (no gradients): criteria of Eq. 2 and the features they compare.
+    selections = [(_work(f), criterion(_work(f), pool_ag))]
+    if use_sp:
+        selections.append((_work(s_ema), criterion(_work(s_ema), pool_sp)))
+    if negatives is None and style == "official" and rho < 1.0:
+        negatives = torch.rand(p, n, device=device, generator=generator) < rho  # D13: one shared draw
+
+    chunk = chunk_size or default_chunk_size(n)
+    if style == "official":
+        chunk = max(1, round(chunk / p)) * p
+    want = (z.requires_grad, z_mix is not None and z_mix.requires_grad)
+    common = dict(selections=selections, negatives=negatives, p=p, lam=lam, tau=tau, rho=rho,
+                  symmetric=symmetric, chunk=chunk, generator=generator, want=want)
+    if style == "paper":
+        compute = lambda zz, mm: _paper_pass(zz, mm, neighbour_weights=neighbour_weights, **common)  # noqa: E731
+    else:
+        compute = lambda zz, mm: _official_pass(zz, mm, **common)  # noqa: E731
+    return _GradientInForward.apply(compute, z, z_mix)
+
+
+def _masks(selections, start: int, n: int, symmetric: bool) -> list[Tensor]:
+    """Positive masks (n, N) of every selection kind for anchors ``start .. start + n``."""
+    return [positive_mask(x[start:start + n], x, c[start:start + n], c, row_offset=start, symmetric=symmetric)
+            for x, c in selections]
+
+
+def _exclude_self(mask: Tensor, start: int) -> Tensor:
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    mask[rows, rows + start] = False
+    return mask
+
+
+def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric, chunk, generator, want,
+                neighbour_weights):
+    n_total, device = z.shape[0], z.device
+    zf = _work(z)
+    mf = _work(z_mix) if z_mix is not None else None
+    n_terms = len(selections)
+    loss_sum = [zf.new_zeros(()) for _ in range(n_terms)]
+    n_valid = [0] * n_terms
+    # One (N, D) gradient buffer per term and source: the per-term means over valid anchors are only
+    # known after the last chunk.
+    grad_z = [torch.zeros_like(zf) if want[0] else None for _ in range(n_terms)]
+    grad_m = [torch.zeros_like(mf) if want[1] else None for _ in range(n_terms)]
+
+    lp_index = lp_weight = None
+    if neighbour_weights is not None:  # loss propagation: neighbour rows and normalised weights
+        b, _, h, w = neighbour_weights.shape
+        index, _ = neighbour_index(h, w, device=device)
+        images = torch.arange(b, device=device)[:, None, None] * p
+        lp_index = (images + index[None]).reshape(n_total, 9)
+        wts = neighbour_weights.to(zf.dtype).reshape(b, 9, p).transpose(1, 2).reshape(n_total, 9)
+        lp_weight = wts / wts.sum(1, keepdim=True).clamp(min=1e-12)
+
+    for start in range(0, n_total, chunk):
+        n = min(chunk, n_total - start)
+        rows = torch.arange(start, start + n, device=device)
+        rand = _negative_rows(negatives, start, n, n_total, p, rho, device, generator)
+        pos = _masks(selections, start, n, symmetric)
+        den = [_exclude_self(m | rand, start) for m in pos]
+        # Branches: (anchor source, anchor rows, per-row weight or None, contrast source).
+        branches = [(zf, 0, rows, None)]
+        if mf is not None:
+            branches.append((mf, 1, rows, None))
+        if lp_index is not None:
+            branches += [(zf, 0, lp_index[start:start + n, k], lp_weight[start:start + n, k]) for k in range(9)]
+        for src, src_id, idx, row_w in branches:
+            anchors = src[idx]
+            x = anchors @ zf.T / tau
+            for t in range(n_terms):
+                loss, valid, grad = _contrast_rows(x, pos[t], den[t], want[src_id] or want[0])
+                if row_w is not None:
+                    loss = loss * row_w
+                    grad = grad * row_w[:, None] if grad is not None else None
+                loss_sum[t] += loss.sum()
+                if grad is None:
+                    continue
+                if want[src_id]:
+                    (grad_z if src_id == 0 else grad_m)[t].index_add_(0, idx, grad @ zf / tau)
+                if want[0]:
+                    grad_z[t] += grad.T @ anchors / tau
+        for t in range(n_terms):
+            n_valid[t] += int(pos[t].any(dim=1).sum())
+
+    coef = [1.0 / max(n_valid[0], 1)] + [lam / max(v, 1) for v in n_valid[1:]]
+    value = sum(c * s for c, s in zip(coef, loss_sum))
+    gz = sum(c * g for c, g in zip(coef, grad_z)).to(z.dtype) if want[0] else None
+    gm = sum(c * g for c, g in zip(coef, grad_m)).to(z_mix.dtype) if want[1] else None
+    return value, [gz, gm]
+
+
+def _official_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric, chunk, generator, want):
+    n_total, device = z.shape[0], z.device
+    n_images = n_total // p
+    branches = [(_work(z), 0)] + ([(_work(z_mix), 1)] if z_mix is not None else [])
+    # (tau / 0.07) and the mean over images and over the Phi / Psi branches (the official 1/(2B)).
+    scale = (tau / OFFICIAL_BASE_TEMPERATURE) / (n_images * len(branches))
+    total = branches[0][0].new_zeros(())
+    grads = [torch.zeros_like(v) if want[i] else None for v, i in branches]
+
+    for start in range(0, n_total, chunk):
+        n = min(chunk, n_total - start)
+        rand = _negative_rows(negatives, start, n, n_total, p, rho, device, generator)
+        masks = _masks(selections, start, n, symmetric)
+        agnostic = masks[0]
+        weight = agnostic.to(total.dtype)
+        if len(masks) > 1:
+            weight = weight + lam * masks[1].to(total.dtype)  # w = A + lam * S
+        den = _exclude_self(agnostic | rand, start)  # D_i = (A_i u R_i) \ {i}
+        valid = agnostic.any(dim=1)  # only task-agnostic positives decide validity (D17)
+        weight = weight * valid[:, None]
+        row_w = weight.sum(dim=1)  # n_i
+        image_w = row_w.view(-1, p).sum(dim=1)  # W_b for the images of this chunk
+        inv_w = torch.where(image_w > 0, 1.0 / image_w.clamp(min=1e-12), 0.0).repeat_interleave(p)  # (n,)
+        for vecs, i in branches:
+            anchors = vecs[start:start + n]
+            x = anchors @ vecs.T / tau
+            x_den = x.masked_fill(~den, -math.inf)
+            lse = torch.logsumexp(x_den, dim=1)
+            lse = torch.where(valid, lse, 0.0)
+            weighted = (weight * x).sum(dim=1) - row_w * lse  # sum_j w_ij l_ij
+            total -= (weighted * inv_w).sum()
+            if want[i]:
+                g = (row_w[:, None] * torch.exp(x_den - lse[:, None]) - weight) * inv_w[:, None]
+                g = torch.where(valid[:, None], g, 0.0)
+                grads[i][start:start + n] += g @ vecs / tau
+                grads[i] += g.T @ anchors / tau
+    value = scale * total
+    out = [g * scale if g is not None else None for g in grads]
+    out = [out[0].to(z.dtype) if want[0] else None,
+           out[1].to(z_mix.dtype) if len(out) > 1 and want[1] else None]
+    return value, out
+
+
+def self_contrastive_loss(z: Tensor, z_aug: Tensor, *, tau: float, chunk_size: int | None = None) -> Tensor:
+    """Eq. 1, the plain per-patch contrastive loss of Table 4 (g) (NT-Xent over both views).
+
+    Each of the 2N rows of ``[z; z_aug]`` is an anchor whose only positive is the same patch in the
+    other view; its denominator holds every other row.
+
+    Args:
+        z, z_aug: (N, D) L2-normalised projections of two pixel-aligned views.
+        tau: temperature.
+
+    Returns:
+        scalar, mean over the 2N anchors.
+    """
+    if z.shape != z_aug.shape or z.dim() != 2:
+        raise ValueError(f"z and z_aug must both be (N, D), got {tuple(z.shape)} and {tuple(z_aug.shape)}")
+    n = z.shape[0]
+    want = (z.requires_grad, z_aug.requires_grad)
+
+    def compute(a: Tensor, b: Tensor):
+        views = _work(torch.cat([a, b]))
+        total = 2 * n
+        chunk = chunk_size or default_chunk_size(total)
+        loss_sum = views.new_zeros(())
+        grad = torch.zeros_like(views) if any(want) else None
+        for start in range(0, total, chunk):
+            m = min(chunk, total - start)
+            rows = torch.arange(start, start + m, device=views.device)
+            x = views[start:start + m] @ views.T / tau
+            pos = torch.zeros(m, total, dtype=torch.bool, device=views.device)
+            pos[torch.arange(m), (rows + n) % total] = True
+            den = _exclude_self(torch.ones_like(pos), start)
+            loss, _, g = _contrast_rows(x, pos, den, grad is not None)
+            loss_sum += loss.sum()
+            if g is not None:
+                grad[start:start + m] += g @ views / tau
+                grad += g.T @ views[start:start + m] / tau
+        value = loss_sum / total
+        if grad is None:
+            return value, [None, None]
+        grad = grad / total
+        return value, [grad[:n].to(a.dtype) if want[0] else None, grad[n:].to(b.dtype) if want[1] else None]
+
+    return _GradientInForward.apply(compute, z, z_aug)
+
+
+def consistency_regularizer(z: Tensor, z_aug: Tensor) -> Tensor:
+    """Regulariser R of Eq. 11: mean Euclidean (not squared) distance between the two views.
+
+    Args:
+        z, z_aug: (N, D) projections of the clean and photometrically augmented, pixel-aligned views.
+
+    Returns:
+        scalar ``mean_i ||z_i - z_aug_i||_2`` (eps 1e-6 as ``nn.PairwiseDistance``, like the official code).
+    """
+    return F.pairwise_distance(z, z_aug, p=2.0, eps=1e-6).mean()
+
+
+def lambda_schedule(step: int, total_steps: int, warmup: int = 0) -> float:
+    """lambda of Eq. 11: 0 during ``warmup`` steps, then linear towards 1 at ``total_steps``.
+
+    ``lambda = 0`` if ``step <= warmup`` else ``(step - warmup) / (total_steps - warmup)`` (the official
+    schedule, D7; ``warmup=0`` is the paper's plain 0 -> 1 ramp).
+    """
+    if total_steps <= warmup:
+        return 0.0 if step <= warmup else 1.0
+    if step <= warmup:
+        return 0.0
+    return min(1.0, (step - warmup) / (total_steps - warmup))

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))  # dense_reference
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def unit(*shape, generator=None):
+    return F.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
+
+
+@pytest.fixture
+def batch():
+    """A small random HP batch: B=3 images of a 4x5 grid, C=6, D=5, pools of 4 entries (float64)."""
+    g = torch.Generator().manual_seed(0)
+    b, h, w, c, d, m = 3, 4, 5, 6, 5, 4
+    n = b * h * w
+    return dict(
+        z=unit(n, d, generator=g), z_mix=unit(n, d, generator=g), f=unit(n, c, generator=g),
+        s_ema=unit(n, d, generator=g), pool_ag=unit(m, c, generator=g), pool_sp=unit(m, d, generator=g),
+        b=b, h=h, w=w, p=h * w, n=n,
+        rand=torch.rand(n, n, generator=g) < 0.3, rand_shared=torch.rand(h * w, n, generator=g) < 0.3,
+    )

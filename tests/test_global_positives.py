@@ -1,0 +1,61 @@
+"""Eq. 2-4 on a hand-built example and against literal set construction."""
+
+import math
+
+import torch
+from dense_reference import ghp_sets
+
+from hpkit import criterion, global_hidden_positives, positive_mask
+
+S60 = math.sin(math.radians(60))
+# Three unit features: 0 at 0 deg, 1 at 60 deg, 2 at 180 deg; pool = one entry at 90 deg.
+F3 = torch.tensor([[1.0, 0.0], [0.5, S60], [-1.0, 0.0]])
+POOL = torch.tensor([[0.0, 1.0]])
+
+
+def test_criterion_is_similarity_to_closest_pool_entry():
+    # c_i = max_m <q_m, f_i>: <(0,1),(1,0)> = 0, <(0,1),(0.5, .866)> = .866, <(0,1),(-1,0)> = 0
+    torch.testing.assert_close(criterion(F3, POOL), torch.tensor([0.0, S60, 0.0]))
+    two = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])  # adding 180 deg makes patch 2 match exactly
+    torch.testing.assert_close(criterion(F3, two), torch.tensor([0.0, S60, 1.0]))
+
+
+def test_symmetric_rule_by_hand():
+    # sim(0,1) = 0.5 > c_0 = 0 -> 1 in P_0. For anchor 1: 0.5 < c_1 = .866 but 0.5 > c_0 = 0 (symmetric).
+    # sim(0,2) = -1 and sim(1,2) = -0.5 never exceed any criterion. Self is never a positive.
+    expected = torch.tensor([[False, True, False], [True, False, False], [False, False, False]])
+    assert torch.equal(global_hidden_positives(F3, POOL), expected)
+
+
+def test_non_symmetric_rule_by_hand():
+    # Table 4 (e): only sim(i, j) > c_i counts, so anchor 1 loses its positive.
+    expected = torch.tensor([[False, True, False], [False, False, False], [False, False, False]])
+    assert torch.equal(global_hidden_positives(F3, POOL, symmetric=False), expected)
+
+
+def test_same_image_patches_can_be_positives_and_self_is_excluded():
+    x = torch.nn.functional.normalize(torch.ones(4, 3), dim=1)  # identical patches, as in one flat region
+    pool = torch.nn.functional.normalize(torch.tensor([[1.0, -1.0, 0.0]]), dim=1)
+    mask = global_hidden_positives(x, pool)
+    assert torch.equal(mask, ~torch.eye(4, dtype=torch.bool))
+
+
+def test_masks_match_literal_sets_and_blocks_agree(batch):
+    for x, pool in ((batch["f"], batch["pool_ag"]), (batch["s_ema"], batch["pool_sp"])):
+        for symmetric in (True, False):
+            sets = ghp_sets(x, pool, symmetric)
+            dense = global_hidden_positives(x, pool, symmetric=symmetric)
+            assert [set(torch.nonzero(row).flatten().tolist()) for row in dense] == sets
+            c = criterion(x, pool)
+            block = positive_mask(x[7:19], x, c[7:19], c, row_offset=7, symmetric=symmetric)
+            assert torch.equal(block, dense[7:19])
+    assert sum(len(s) for s in ghp_sets(batch["f"], batch["pool_ag"])) > 0  # the example is not empty
+
+
+def test_width_mismatch_is_a_clear_error():
+    try:
+        criterion(torch.ones(2, 3), torch.ones(2, 4))
+    except ValueError as err:
+        assert "task-agnostic pool" in str(err)
+    else:
+        raise AssertionError("expected ValueError")
