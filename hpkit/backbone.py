@@ -212,8 +212,13 @@ def _build_vit(spec: BackboneSpec) -> nn.Module:
 def _load_into(vit: nn.Module, path: Path, name: str) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = checkpoint_filter_fn(load_state_dict_file(path), vit)
-    result = vit.load_state_dict(state, strict=False)
+    state = load_state_dict_file(path)
+    try:
+        result = vit.load_state_dict(checkpoint_filter_fn(state, vit), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        raise BackboneWeightsError(f"{path} does not fit backbone {name!r} ({first}); check that the file "
+                                   "is for this architecture") from None
     if result.missing_keys or result.unexpected_keys:
         raise BackboneWeightsError(
             f"{path} does not fit backbone {name!r}: missing {result.missing_keys[:5]}, unexpected "

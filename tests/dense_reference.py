@@ -72,65 +72,92 @@ def paper_objective(z, f, s_ema, pool_ag, pool_sp, rand: Tensor, *, lam, tau, z_
 
 def official_objective(z, f, s_ema, pool_ag, pool_sp, rand_shared: Tensor, *, patches_per_image, lam, tau,
                        z_mix=None, symmetric=True, task_specific=True) -> Tensor:
-    """Section 1.9's closed form, one image slab at a time, with exp/log of masked products.
+    """Section 1.9's closed form, one image slab at a time, written the way the official code is.
 
-    ``rand_shared`` is the (P, N) Bernoulli mask reused by every anchor image (D13).
+    Per anchor image: similarity slabs, comparisons against explicitly repeated criteria, float copies
+    of the masks, exp/log of masked products and the ``reweighting = 1`` anchor weights, all kept by
+    autograd until backward. ``rand_shared`` is the (P, N) Bernoulli mask reused by every image (D13).
+    Also the "official-like" baseline of ``benchmarks/objective.py``.
     """
     n, p = z.shape[0], patches_per_image
     b = n // p
-    eye = torch.eye(n, dtype=torch.bool)
+    use_sp = task_specific and lam != 0
+    c_ag = (f @ pool_ag.T).max(dim=1).values
+    c_sp = (s_ema @ pool_sp.T).max(dim=1).values if use_sp else None
 
-    def masks(x, pool):
-        c = (x @ pool.T).max(dim=1).values
-        sim = x @ x.T
-        m = sim > c[:, None]
-        if symmetric:
-            m = m | (sim > c[None, :])
-        return m & ~eye
+    def slab_mask(x, c, rows):
+        sim = x[rows] @ x.T
+        c_row = c[rows].unsqueeze(1).repeat(1, n)  # the official Rpoint / Rpoint_T copies
+        c_col = c.unsqueeze(0).repeat(p, 1)
+        m = (sim > c_row) | (sim > c_col) if symmetric else sim > c_row
+        return m.float()
 
-    a = masks(f, pool_ag).float()
-    s = masks(s_ema, pool_sp).float() if task_specific and lam != 0 else torch.zeros_like(a)
-    weights = a + lam * s
-    rand = rand_shared.repeat(b, 1).float()
-    den = torch.clamp(a + rand, max=1.0) * (~eye).float()
-
-    def branch(v):
-        total = z.new_zeros(())
-        for img in range(b):
-            rows = slice(img * p, (img + 1) * p)
+    branches = [z] + ([z_mix] if z_mix is not None else [])
+    total = z.new_zeros(())
+    for img in range(b):
+        rows = slice(img * p, (img + 1) * p)
+        not_self = torch.ones(p, n, dtype=z.dtype)
+        not_self[torch.arange(p), torch.arange(img * p, (img + 1) * p)] = 0
+        a = slab_mask(f, c_ag, rows) * not_self
+        w = a + lam * slab_mask(s_ema, c_sp, rows) * not_self if use_sp else a
+        den = torch.clamp(a + rand_shared.to(z.dtype), max=1.0) * not_self
+        valid = (a.sum(1) > 0).to(z.dtype)
+        n_i = w.sum(1)
+        mean_n = (n_i * valid).sum() / valid.sum()
+        for v in branches:
             logits = v[rows] @ v.T / tau
             logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-            exp = torch.exp(logits) * den[rows]
+            exp = torch.exp(logits) * den
             log_prob = logits - torch.log(exp.sum(1, keepdim=True))
-            w = weights[rows]
-            valid = (a[rows].sum(1) > 0).float()
-            n_i = w.sum(1)
             mean_lp = (w * log_prob).sum(1) / n_i.clamp(min=1e-12)
-            # reweighting = 1: weight each anchor by n_i / mean(n) over valid anchors
-            mean_n = (n_i * valid).sum() / valid.sum()
+            # reweighting = 1: weight each valid anchor by n_i / mean(n)
             total = total - (mean_lp * n_i / mean_n * valid).sum() / valid.sum()
-        return total
+    return (tau / 0.07) * total / (len(branches) * b)
 
-    branches = [branch(z)] + ([branch(z_mix)] if z_mix is not None else [])
-    return (tau / 0.07) * sum(branches) / (len(branches) * b)
+
+def dense_paper_objective(z, f, s_ema, pool_ag, pool_sp, rand: Tensor, *, lam, tau, z_mix=None) -> Tensor:
+    """Eq. 11 (paper style) the naive vectorised way: full (N, N) tensors and autograd.
+
+    The "naive dense" baseline of ``benchmarks/objective.py``; tested against the literal loops.
+    """
+    n = z.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+
+    def positives(x, pool):
+        c = (x @ pool.T).max(dim=1).values
+        sim = x @ x.T
+        return ((sim > c[:, None]) | (sim > c[None, :])) & ~eye
+
+    total = z.new_zeros(())
+    kinds = [(positives(f, pool_ag), 1.0)] + ([(positives(s_ema, pool_sp), lam)] if lam != 0 else [])
+    for pos, weight in kinds:
+        den = (pos | rand) & ~eye
+        valid = pos.any(dim=1)
+        count = pos.sum(dim=1).clamp(min=1)
+        for anchor in [z] + ([z_mix] if z_mix is not None else []):
+            x = anchor @ z.T / tau
+            per_anchor = torch.logsumexp(x.masked_fill(~den, -math.inf), dim=1) - (x * pos).sum(1) / count
+            total = total + weight * per_anchor[valid].mean()
+    return total
 
 
 def official_lhp_dense(s: Tensor, attn_logits: Tensor, sigma: float = 28.0) -> Tensor:
-    """Section 1.2 + 1.10 with a dense (B, P, P) matrix T and torch.quantile, as the official code."""
+    """Section 1.2 + 1.10 as the official code: dense T with torch.quantile, then per image a dense
+    (P, P, D) weighted sum (hot spot H2). Also the "dense" LHP baseline of ``benchmarks/objective.py``."""
     bsz, d, h, w = s.shape
-    p = h * w
-    a = attn_logits.float().mean(dim=1)
-    q = torch.quantile(a, torch.tensor([0.1, 0.9]), dim=-1)
-    a = torch.clamp(a, min=q[0][..., None], max=q[1][..., None])
-    t = sigma * torch.softmax(a, dim=-1)
-    t = torch.where(t < t.mean(dim=-1, keepdim=True), torch.zeros_like(t), t)
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     near = ((ys[:, None] - ys[None, :]).abs() <= 1) & ((xs[:, None] - xs[None, :]).abs() <= 1)
-    t = t * near
     flat = s.flatten(2).transpose(1, 2)  # (B, P, D)
-    mixed = (t[..., None] * flat[:, None, :, :]).sum(dim=2) / near.sum(1)[None, :, None]
-    return mixed.transpose(1, 2).reshape(bsz, d, h, w)
+    out = []
+    for img in range(bsz):
+        a = attn_logits[img].float().mean(dim=0)  # (P, P)
+        q = torch.quantile(a, torch.tensor([0.1, 0.9]), dim=-1)
+        a = torch.clamp(a, min=q[0][:, None], max=q[1][:, None])
+        t = sigma * torch.softmax(a, dim=-1)
+        t = torch.where(t < t.mean(dim=-1, keepdim=True), torch.zeros_like(t), t) * near
+        out.append((t[..., None] * flat[img][None, :, :]).sum(dim=1) / near.sum(1)[:, None])
+    return torch.stack(out).transpose(1, 2).reshape(bsz, d, h, w)
 
 
 def nt_xent(z: Tensor, z_aug: Tensor, tau: float) -> Tensor:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dense_reference import nt_xent, official_objective, paper_objective
+from dense_reference import dense_paper_objective, nt_xent, official_objective, paper_objective
 
 from hpkit import consistency_regularizer, hp_objective, lambda_schedule, local_weights, self_contrastive_loss
 
@@ -106,6 +106,15 @@ def test_official_equals_closed_form_of_section_1_9(batch, chunk, with_mix, task
     torch.testing.assert_close(ours, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_naive_dense_baseline_agrees(batch):
+    """The benchmark's naive dense baseline computes the same loss as hpkit (so timings compare like with like)."""
+    args = (batch["z"], batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"])
+    ours = hp_objective(*args, patches_per_image=batch["p"], lam=0.3, tau=0.7, rho=0.3, z_mix=batch["z_mix"],
+                        negatives=batch["rand"])
+    torch.testing.assert_close(ours, dense_paper_objective(*args, batch["rand"], lam=0.3, tau=0.7,
+                                                           z_mix=batch["z_mix"]))
 
 
 def test_shared_negative_mask_equals_its_expanded_form(batch):
