@@ -94,31 +94,54 @@ class _GradientInForward(torch.autograd.Function):
         return (None, *grads)
 
 
-def _contrast_rows(x: Tensor, pos: Tensor, den: Tensor, want_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Eq. 5 for a block of anchors given their logits.
+def _exp_over_(x: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor]:
+    """In place: ``x <- exp(x - rowmax)`` on the kept entries, 0 on ``exclude``.
+
+    The row max is taken over all entries and the excluded ones are zeroed *after* the exponential:
+    ``exp(-inf)`` and deep underflow take a slow path on CPUs (10-100x), and for unit vectors every
+    ``x - rowmax`` lies in ``[-2/tau, 0]``, far from underflow.
 
     Args:
-        x: (n, N) logits ``<a_i, c_j> / tau``.
-        pos: (n, N) bool positive sets ``P_i``.
-        den: (n, N) bool denominator sets ``N_i u P_i``.
+        x: (n, N) logits, overwritten.
+        exclude: (n, N) bool, entries outside the softmax (outside ``N_i u P_i``).
 
     Returns:
-        loss: (n,) ``L^cont`` per anchor (0 for anchors without positives),
-        valid: (n,) bool, anchors with at least one positive,
-        grad: (n, N) ``dloss_i / dx_ij`` (zero rows for invalid anchors), or None.
+        lse: (n,) ``log sum_{kept} exp(x_ij)`` (``-inf`` for rows with nothing kept),
+        inv_sum: (n, 1) ``1 / sum_j x_ij`` after the update (0 for empty rows), so that
+        ``x * inv_sum`` is the masked softmax.
     """
-    count = pos.sum(dim=1)
-    valid = count > 0
-    x_den = x.masked_fill(~den, -math.inf)
-    lse = torch.logsumexp(x_den, dim=1)
-    pos_mean = torch.where(pos, x, 0.0).sum(dim=1) / count.clamp(min=1)
-    loss = torch.where(valid, lse - pos_mean, 0.0)
-    grad = None
-    if want_grad:
-        safe_lse = torch.where(valid, lse, 0.0)
-        grad = torch.exp(x_den - safe_lse[:, None]) - pos / count.clamp(min=1)[:, None]
-        grad = torch.where(valid[:, None], grad, 0.0)
-    return loss, valid, grad
+    row_max = x.amax(dim=1, keepdim=True)
+    x.sub_(row_max).exp_().masked_fill_(exclude, 0.0)
+    row_sum = x.sum(dim=1, keepdim=True)
+    lse = (row_max + row_sum.log()).squeeze(1)
+    return lse, torch.where(row_sum > 0, 1.0 / row_sum, 0.0)
+
+
+def bernoulli_mask(rows: int, cols: int, rate: float, *, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> Tensor:
+    """(rows, cols) bool mask with independent Bernoulli(``rate``) entries.
+
+    For small rates it draws the geometric gaps between successes instead of one uniform per entry
+    (about ``rate * cols`` numbers per row instead of ``cols``): the same distribution, ~1/rate
+    times fewer random numbers.
+    """
+    if rate >= 1.0:
+        return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    if rate <= 0.0:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    if rate > 0.2:
+        return torch.rand(rows, cols, device=device, generator=generator) < rate
+    mean = rate * cols
+    k = int(mean + 8 * math.sqrt(mean) + 16)  # gaps per row; running short is checked below
+    gaps = torch.empty(rows, k, device=device).geometric_(rate, generator=generator).long()
+    position = gaps.cumsum(dim=1) - 1  # 0-based index of each success
+    short = position[:, -1] < cols  # rows whose k successes all fall inside: draw them densely
+    mask = torch.zeros(rows, cols + 1, dtype=torch.bool, device=device)
+    mask.scatter_(1, position.clamp(max=cols), True)
+    mask = mask[:, :cols]
+    if short.any():
+        mask[short] = torch.rand(int(short.sum()), cols, device=device, generator=generator) < rate
+    return mask
 
 
 def _negative_rows(
@@ -127,9 +150,7 @@ def _negative_rows(
 ) -> Tensor:
     """(n, N) bool random-negative rows for anchors ``start .. start + n``."""
     if negatives is None:
-        if rho >= 1.0:
-            return torch.ones(n, total, dtype=torch.bool, device=device)
-        return torch.rand(n, total, device=device, generator=generator) < rho
+        return bernoulli_mask(n, total, rho, generator=generator, device=device)
     rows = torch.arange(start, start + n, device=negatives.device)
     if negatives.shape[0] == patches_per_image and negatives.shape[0] != total:
         rows = rows % patches_per_image
@@ -234,7 +255,7 @@ def hp_objective(
     if use_sp:
         selections.append((_work(s_ema), criterion(_work(s_ema), pool_sp)))
     if negatives is None and style == "official" and rho < 1.0:
-        negatives = torch.rand(p, n, device=device, generator=generator) < rho  # D13: one shared draw
+        negatives = bernoulli_mask(p, n, rho, generator=generator, device=device)  # D13: one shared draw
 
     chunk = chunk_size or default_chunk_size(n)
     if style == "official":
@@ -255,10 +276,12 @@ def _masks(selections, start: int, n: int, symmetric: bool) -> list[Tensor]:
             for x, c in selections]
 
 
-def _exclude_self(mask: Tensor, start: int) -> Tensor:
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    mask[rows, rows + start] = False
-    return mask
+def _not_in_denominator(pos: Tensor, rand: Tensor, start: int) -> Tensor:
+    """(n, N) bool: entries outside ``D_i = (P_i u R_i) \\ {i}``."""
+    out = torch.logical_not(pos | rand)
+    rows = torch.arange(out.shape[0], device=out.device)
+    out[rows, rows + start] = True
+    return out
 
 
 def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric, chunk, generator, want,
@@ -266,13 +289,14 @@ def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric,
     n_total, device = z.shape[0], z.device
     zf = _work(z)
     mf = _work(z_mix) if z_mix is not None else None
-    n_terms = len(selections)
-    loss_sum = [zf.new_zeros(()) for _ in range(n_terms)]
-    n_valid = [0] * n_terms
-    # One (N, D) gradient buffer per term and source: the per-term means over valid anchors are only
-    # known after the last chunk.
-    grad_z = [torch.zeros_like(zf) if want[0] else None for _ in range(n_terms)]
-    grad_m = [torch.zeros_like(mf) if want[1] else None for _ in range(n_terms)]
+    want_any = want[0] or want[1]
+    # Pass 1: anchors with at least one positive, per kind, give the means of Eq. 11 (V^ag, V^sp).
+    # Knowing them first lets every chunk combine its terms before the gradient matmuls.
+    n_valid = [0] * len(selections)
+    if want_any:
+        for start in range(0, n_total, chunk):
+            for t, m in enumerate(_masks(selections, start, min(chunk, n_total - start), symmetric)):
+                n_valid[t] += int(m.any(dim=1).sum())
 
     lp_index = lp_weight = None
     if neighbour_weights is not None:  # loss propagation: neighbour rows and normalised weights
@@ -283,13 +307,23 @@ def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric,
         wts = neighbour_weights.to(zf.dtype).reshape(b, 9, p).transpose(1, 2).reshape(n_total, 9)
         lp_weight = wts / wts.sum(1, keepdim=True).clamp(min=1e-12)
 
+    loss_sum = [zf.new_zeros(()) for _ in selections]
+    counted = [0] * len(selections)
+    grad_z = torch.zeros_like(zf) if want[0] else None
+    grad_m = torch.zeros_like(mf) if want[1] else None
     for start in range(0, n_total, chunk):
         n = min(chunk, n_total - start)
         rows = torch.arange(start, start + n, device=device)
         rand = _negative_rows(negatives, start, n, n_total, p, rho, device, generator)
         pos = _masks(selections, start, n, symmetric)
-        den = [_exclude_self(m | rand, start) for m in pos]
-        # Branches: (anchor source, anchor rows, per-row weight or None, contrast source).
+        outside = [_not_in_denominator(m, rand, start) for m in pos]
+        count = [m.sum(dim=1) for m in pos]
+        valid = [c > 0 for c in count]
+        pos_f = [m.to(zf.dtype) for m in pos]
+        inv_count = [1.0 / c.clamp(min=1) for c in count]
+        for t, v in enumerate(valid):
+            counted[t] += int(v.sum())
+        # Branches: (anchor vectors, anchor source id, anchor rows, per-row weight or None); contrast is z.
         branches = [(zf, 0, rows, None)]
         if mf is not None:
             branches.append((mf, 1, rows, None))
@@ -297,27 +331,36 @@ def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric,
             branches += [(zf, 0, lp_index[start:start + n, k], lp_weight[start:start + n, k]) for k in range(9)]
         for src, src_id, idx, row_w in branches:
             anchors = src[idx]
-            x = anchors @ zf.T / tau
-            for t in range(n_terms):
-                loss, valid, grad = _contrast_rows(x, pos[t], den[t], want[src_id] or want[0])
-                if row_w is not None:
-                    loss = loss * row_w
-                    grad = grad * row_w[:, None] if grad is not None else None
-                loss_sum[t] += loss.sum()
-                if grad is None:
+            logits = (anchors / tau) @ zf.T
+            grad = None
+            for t in range(len(pos)):
+                x = logits if t == len(pos) - 1 else logits.clone()
+                pos_mean = torch.linalg.vecdot(pos_f[t], x) * inv_count[t]
+                lse, inv_sum = _exp_over_(x, outside[t])
+                w_row = valid[t].to(x.dtype) if row_w is None else valid[t] * row_w
+                loss_sum[t] += (w_row * torch.where(valid[t], lse - pos_mean, 0.0)).sum()
+                if not want_any:
                     continue
-                if want[src_id]:
-                    (grad_z if src_id == 0 else grad_m)[t].index_add_(0, idx, grad @ zf / tau)
-                if want[0]:
-                    grad_z[t] += grad.T @ anchors / tau
-        for t in range(n_terms):
-            n_valid[t] += int(pos[t].any(dim=1).sum())
+                # dL/dx_ij = coef_t * w_i * (softmax_ij - [j in P_i] / |P_i|)
+                coef = (1.0 if t == 0 else lam) / max(n_valid[t], 1)
+                w_row = w_row * coef
+                x.mul_(w_row[:, None] * inv_sum)
+                x.addcmul_(pos_f[t], (w_row * inv_count[t])[:, None], value=-1.0)
+                grad = x if grad is None else grad.add_(x)
+            if grad is None:
+                continue
+            if want[src_id]:
+                target = grad_z if src_id == 0 else grad_m
+                if row_w is None:
+                    target[start:start + n].addmm_(grad, zf, alpha=1.0 / tau)
+                else:
+                    target.index_add_(0, idx, grad @ zf, alpha=1.0 / tau)
+            if want[0]:
+                grad_z.addmm_(grad.T, anchors, alpha=1.0 / tau)
 
-    coef = [1.0 / max(n_valid[0], 1)] + [lam / max(v, 1) for v in n_valid[1:]]
+    coef = [1.0 / max(counted[0], 1)] + [lam / max(v, 1) for v in counted[1:]]
     value = sum(c * s for c, s in zip(coef, loss_sum))
-    gz = sum(c * g for c, g in zip(coef, grad_z)).to(z.dtype) if want[0] else None
-    gm = sum(c * g for c, g in zip(coef, grad_m)).to(z_mix.dtype) if want[1] else None
-    return value, [gz, gm]
+    return value, [grad_z.to(z.dtype) if want[0] else None, grad_m.to(z_mix.dtype) if want[1] else None]
 
 
 def _official_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric, chunk, generator, want):
@@ -334,28 +377,28 @@ def _official_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetr
         rand = _negative_rows(negatives, start, n, n_total, p, rho, device, generator)
         masks = _masks(selections, start, n, symmetric)
         agnostic = masks[0]
-        weight = agnostic.to(total.dtype)
-        if len(masks) > 1:
-            weight = weight + lam * masks[1].to(total.dtype)  # w = A + lam * S
-        den = _exclude_self(agnostic | rand, start)  # D_i = (A_i u R_i) \ {i}
         valid = agnostic.any(dim=1)  # only task-agnostic positives decide validity (D17)
-        weight = weight * valid[:, None]
+        weight = agnostic.to(total.dtype)  # w = A + lam * S
+        if len(masks) > 1:
+            weight.add_(masks[1], alpha=lam)
+        weight.mul_(valid[:, None])
         row_w = weight.sum(dim=1)  # n_i
         image_w = row_w.view(-1, p).sum(dim=1)  # W_b for the images of this chunk
         inv_w = torch.where(image_w > 0, 1.0 / image_w.clamp(min=1e-12), 0.0).repeat_interleave(p)  # (n,)
+        weight.mul_(inv_w[:, None])  # w_ij / W_b
+        row_w = row_w * inv_w  # n_i / W_b
+        outside = _not_in_denominator(agnostic, rand, start)  # D_i = (A_i u R_i) \ {i}
         for vecs, i in branches:
             anchors = vecs[start:start + n]
-            x = anchors @ vecs.T / tau
-            x_den = x.masked_fill(~den, -math.inf)
-            lse = torch.logsumexp(x_den, dim=1)
-            lse = torch.where(valid, lse, 0.0)
-            weighted = (weight * x).sum(dim=1) - row_w * lse  # sum_j w_ij l_ij
-            total -= (weighted * inv_w).sum()
+            x = (anchors / tau) @ vecs.T
+            weighted = torch.linalg.vecdot(weight, x)  # sum_j w_ij x_ij / W_b
+            lse, inv_sum = _exp_over_(x, outside)
+            total -= (weighted - row_w * torch.where(valid, lse, 0.0)).sum()
             if want[i]:
-                g = (row_w[:, None] * torch.exp(x_den - lse[:, None]) - weight) * inv_w[:, None]
-                g = torch.where(valid[:, None], g, 0.0)
-                grads[i][start:start + n] += g @ vecs / tau
-                grads[i] += g.T @ anchors / tau
+                # dPhi_b/dx_ij = (n_i softmax_ij - w_ij) / W_b
+                x.mul_(row_w[:, None] * inv_sum).sub_(weight)
+                grads[i][start:start + n].addmm_(x, vecs, alpha=1.0 / tau)
+                grads[i].addmm_(x.T, anchors, alpha=1.0 / tau)
     value = scale * total
     out = [g * scale if g is not None else None for g in grads]
     out = [out[0].to(z.dtype) if want[0] else None,
@@ -389,16 +432,19 @@ def self_contrastive_loss(z: Tensor, z_aug: Tensor, *, tau: float, chunk_size: i
         grad = torch.zeros_like(views) if any(want) else None
         for start in range(0, total, chunk):
             m = min(chunk, total - start)
-            rows = torch.arange(start, start + m, device=views.device)
-            x = views[start:start + m] @ views.T / tau
-            pos = torch.zeros(m, total, dtype=torch.bool, device=views.device)
-            pos[torch.arange(m), (rows + n) % total] = True
-            den = _exclude_self(torch.ones_like(pos), start)
-            loss, _, g = _contrast_rows(x, pos, den, grad is not None)
-            loss_sum += loss.sum()
-            if g is not None:
-                grad[start:start + m] += g @ views / tau
-                grad += g.T @ views[start:start + m] / tau
+            rows = torch.arange(m, device=views.device)
+            partner = (rows + start + n) % total
+            x = (views[start:start + m] / tau) @ views.T
+            positive = x[rows, partner]
+            self_only = torch.zeros_like(x, dtype=torch.bool)
+            self_only[rows, rows + start] = True
+            lse, inv_sum = _exp_over_(x, self_only)
+            loss_sum += (lse - positive).sum()
+            if grad is not None:  # dL/dx_ij = softmax_ij - [j = partner(i)]
+                x.mul_(inv_sum)
+                x[rows, partner] -= 1.0
+                grad[start:start + m].addmm_(x, views, alpha=1.0 / tau)
+                grad.addmm_(x.T, views[start:start + m], alpha=1.0 / tau)
         value = loss_sum / total
         if grad is None:
             return value, [None, None]

@@ -1,0 +1,186 @@
+"""Forward + backward time and peak memory of the HP objective and of LHP mixing.
+
+Usage::
+
+    python benchmarks/objective.py                 # the three sizes of the core issue, CPU
+    python benchmarks/objective.py --sizes 8,28,512 --repeats 3 --device cuda
+
+For each (B, grid, D) it measures, each case in a fresh subprocess (so peak memory is its own):
+
+- ``hpkit paper`` / ``hpkit official``: :func:`hpkit.hp_objective` (chunked, both GHP sets, Phi and Psi);
+- ``naive dense``: Eq. 11 with full (N, N) tensors and autograd (``dense_paper_objective``);
+- ``official-like slab``: the official code's per-image slab loop with repeated criteria, float
+  masks and exp/log of masked products under autograd (``official_objective``);
+- ``LHP hpkit``: :func:`hpkit.local_mix` (9 shifted views) vs ``LHP dense``: the official per-image
+  dense (P, P, D) product (``official_lhp_dense``).
+
+The baselines are the oracles of ``tests/dense_reference.py``; the tests check that they compute the
+same values as hpkit, so the timings compare equal work. Inputs: clustered unit features (27
+clusters, so every anchor has hidden positives), C = 384 (ViT-S), M = 2048, tau = 0.8, rho = 0.02,
+lambda = 0.5. Peak memory is the growth of the process's peak resident set (CPU) or
+``torch.cuda.max_memory_allocated`` (CUDA) during the measured calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+CASES = ["hpkit paper", "hpkit official", "naive dense", "official-like slab", "LHP hpkit", "LHP dense"]
+C, M, TAU, RHO, LAM, CLUSTERS = 384, 2048, 0.8, 0.02, 0.5, 27
+
+
+def _estimate_gb(case: str, b: int, grid: int, d: int) -> float:
+    """Rough peak memory of a baseline, to skip cases this machine cannot hold."""
+    p = grid * grid
+    n = b * p
+    if case == "naive dense":
+        return 14 * n * n * 4 / 1e9
+    if case == "official-like slab":
+        return (6 * p * n * 4 * b + 25 * p * n * 4) / 1e9
+    if case == "LHP dense":
+        return 2 * p * p * d * 4 / 1e9
+    return 0.0
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import hpkit
+    from dense_reference import dense_paper_objective, official_lhp_dense, official_objective
+
+    torch.manual_seed(0)
+    p = grid * grid
+    n = b * p
+    dev = torch.device(device)
+
+    def clustered(rows: int, width: int) -> torch.Tensor:
+        centres = torch.randn(CLUSTERS, width)
+        labels = torch.randint(0, CLUSTERS, (rows,))
+        return F.normalize(centres[labels] + 0.8 * torch.randn(rows, width), dim=1).to(dev)
+
+    f, s_ema, z0, m0 = clustered(n, C), clustered(n, d), clustered(n, d), clustered(n, d)
+    pool_ag, pool_sp = clustered(M, C), clustered(M, d)
+    s0 = torch.randn(b, d, grid, grid, device=dev)
+    logits = 3 * torch.randn(b, 6, p, p, device=dev)
+    neg_shared = torch.rand(p, n, device=dev) < RHO
+
+    def run_once():
+        z, m = z0.clone().requires_grad_(), m0.clone().requires_grad_()
+        if case.startswith("LHP"):
+            s = s0.clone().requires_grad_()
+            out = hpkit.local_mix(s, logits, style="official") if case == "LHP hpkit" else \
+                official_lhp_dense(s, logits)
+            out.square().sum().backward()
+            return
+        if case == "hpkit paper":
+            loss = hpkit.hp_objective(z, f, s_ema, pool_ag, pool_sp, patches_per_image=p, lam=LAM, tau=TAU,
+                                      rho=RHO, z_mix=m)
+        elif case == "hpkit official":
+            loss = hpkit.hp_objective(z, f, s_ema, pool_ag, pool_sp, patches_per_image=p, lam=LAM, tau=TAU,
+                                      rho=RHO, z_mix=m, style="official", negatives=neg_shared)
+        elif case == "naive dense":
+            rand = torch.rand(n, n, device=dev) < RHO
+            loss = dense_paper_objective(z, f, s_ema, pool_ag, pool_sp, rand, lam=LAM, tau=TAU, z_mix=m)
+        else:
+            loss = official_objective(z, f, s_ema, pool_ag, pool_sp, neg_shared, patches_per_image=p, lam=LAM,
+                                      tau=TAU, z_mix=m)
+        loss.backward()
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    run_once()  # warm-up (allocator, kernels)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_gb()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_once()
+        sync()
+        times.append(time.perf_counter() - start)
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - base
+    return {"time_s": sorted(times)[len(times) // 2], "peak_gb": max(peak, 0.0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="*", default=["8,28,512", "16,28,512", "16,40,512"],
+                        help="B,grid,D triples")
+    parser.add_argument("--cases", nargs="*", default=CASES, choices=CASES)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-gb", type=float, default=16.0, help="skip baselines estimated above this")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args(argv)
+
+    if args.one:
+        case, b, grid, d = args.one.split("|")
+        print(json.dumps(_run_case(case, int(b), int(grid), int(d), args.repeats, args.device)))
+        return 0
+
+    rows = []
+    for size in args.sizes:
+        b, grid, d = (int(v) for v in size.split(","))
+        for case in args.cases:
+            est = _estimate_gb(case, b, grid, d)
+            if est > args.max_gb:
+                rows.append(dict(size=size, case=case, time_s=None, peak_gb=None, note=f"skipped (~{est:.0f} GB)"))
+                continue
+            cmd = [sys.executable, __file__, "--one", f"{case}|{b}|{grid}|{d}", "--repeats", str(args.repeats),
+                   "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append(dict(size=size, case=case, time_s=None, peak_gb=None,
+                                 note=f"failed: {proc.stderr.strip().splitlines()[-1][:60]}"))
+            else:
+                rows.append(dict(size=size, case=case, **json.loads(proc.stdout.strip().splitlines()[-1]), note=""))
+            r = rows[-1]
+            print(f"  {size:>10} {case:<20} {r['time_s'] if r['time_s'] is None else round(r['time_s'], 3)}s "
+                  f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 3)} GB {r['note']}",
+                  file=sys.stderr, flush=True)
+
+    print(f"\n| (B, grid, D) | N | case | fwd+bwd time (s) | peak memory (GB) | vs official-like slab |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        b, grid, d = (int(v) for v in r["size"].split(","))
+        slab = next((x for x in rows if x["size"] == r["size"] and x["case"] == "official-like slab"), None)
+        ratio = ""
+        if r["time_s"] is not None and slab and slab["time_s"] and not r["case"].startswith("LHP") \
+                and r["case"] != "official-like slab":
+            ratio = f"{r['time_s'] / slab['time_s']:.2f}x time, {r['peak_gb'] / slab['peak_gb']:.2f}x memory"
+        if r["case"] == "LHP hpkit":
+            dense = next((x for x in rows if x["size"] == r["size"] and x["case"] == "LHP dense"), None)
+            if dense and dense["time_s"]:
+                ratio = f"vs LHP dense: {r['time_s'] / dense['time_s']:.3f}x time"
+        t = "-" if r["time_s"] is None else f"{r['time_s']:.3f}"
+        mem = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.3f}"
+        print(f"| ({b}, {grid}, {d}) | {b * grid * grid} | {r['case']} | {t} | {mem} | {ratio or r['note']} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
