@@ -20,7 +20,7 @@ features meaningless; for tests) and ``auto``. Weights come from ``weights=PATH`
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -247,9 +247,8 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         found = _local_weights(BACKBONES["dino_vits8"]) if weights is None else Path(weights)
         if found is not None:
             return load_backbone("dino_vits8", weights=found, device=device)
-        warnings.warn("hpkit: no DINO ViT-S/8 weights on this machine; using the randomly initialised "
-                      "'random_tiny' backbone (features are meaningless). See README 'Backbones'.",
-                      stacklevel=2)
+        print("hpkit: no DINO ViT-S/8 weights on this machine; using the randomly initialised 'random_tiny' "
+              "backbone (features are meaningless). See README 'Backbones'.", file=sys.stderr, flush=True)
         name = "random_tiny"
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or 'auto'")
