@@ -7,18 +7,22 @@ Usage::
 
 For each (B, grid, D) it measures, each case in a fresh subprocess (so peak memory is its own):
 
-- ``hpkit paper`` / ``hpkit official``: :func:`hpkit.hp_objective` (chunked, both GHP sets, Phi and Psi);
+- ``hpkit paper`` / ``hpkit official``: :func:`hpkit.hp_objective` (chunked, both GHP sets, Phi and Psi),
+  in float32 and with ``matmul_dtype=torch.bfloat16`` (``bf16``; selection stays float32);
 - ``naive dense``: Eq. 11 with full (N, N) tensors and autograd (``dense_paper_objective``);
 - ``official-like slab``: the official code's per-image slab loop with repeated criteria, float
-  masks and exp/log of masked products under autograd (``official_objective``);
+  masks and exp/log of masked products under autograd (``official_objective``), in float32 and
+  under bf16 autocast (``bf16``; the official code itself runs under fp16 autocast);
 - ``LHP hpkit``: :func:`hpkit.local_mix` (9 shifted views) vs ``LHP dense``: the official per-image
   dense (P, P, D) product (``official_lhp_dense``).
 
 The baselines are the oracles of ``tests/dense_reference.py``; the tests check that they compute the
 same values as hpkit, so the timings compare equal work. Inputs: clustered unit features (27
 clusters, so every anchor has hidden positives), C = 384 (ViT-S), M = 2048, tau = 0.8, rho = 0.02,
-lambda = 0.5. Peak memory is the growth of the process's peak resident set (CPU) or
-``torch.cuda.max_memory_allocated`` (CUDA) during the measured calls.
+lambda = 0.5. Peak memory is the growth of the process's peak resident set (CPU, VmHWM reset after
+set-up) or
+``torch.cuda.max_memory_allocated`` (CUDA) over the calls, from just before the first; time is the
+fastest of ``--repeats`` calls after a warm-up call.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-CASES = ["hpkit paper", "hpkit official", "naive dense", "official-like slab", "LHP hpkit", "LHP dense"]
+CASES = ["hpkit paper", "hpkit official", "hpkit paper bf16", "hpkit official bf16", "naive dense",
+         "official-like slab", "official-like slab bf16", "LHP hpkit", "LHP dense"]
 C, M, TAU, RHO, LAM, CLUSTERS = 384, 2048, 0.8, 0.02, 0.5, 27
 
 
@@ -45,7 +50,7 @@ def _estimate_gb(case: str, b: int, grid: int, d: int) -> float:
     n = b * p
     if case == "naive dense":
         return 14 * n * n * 4 / 1e9
-    if case == "official-like slab":
+    if case.startswith("official-like slab"):
         return (6 * p * n * 4 * b + 25 * p * n * 4) / 1e9
     if case == "LHP dense":
         return 2 * p * p * d * 4 / 1e9
@@ -55,6 +60,18 @@ def _estimate_gb(case: str, b: int, grid: int, d: int) -> float:
 def _rss_gb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so set-up allocations do not count (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _peak_rss_gb() -> float:
+    with open("/proc/self/status") as fh:
+        line = next(l for l in fh if l.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024 / 1e9
 
 
 def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -> dict:
@@ -77,7 +94,7 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
     f, s_ema, z0, m0 = clustered(n, C), clustered(n, d), clustered(n, d), clustered(n, d)
     pool_ag, pool_sp = clustered(M, C), clustered(M, d)
     s0 = torch.randn(b, d, grid, grid, device=dev)
-    logits = 3 * torch.randn(b, 6, p, p, device=dev)
+    logits = torch.randn(b, 6, p, p, device=dev).mul_(3) if case.startswith("LHP") else None
     neg_shared = torch.rand(p, n, device=dev) < RHO
 
     def run_once():
@@ -88,28 +105,32 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
                 official_lhp_dense(s, logits)
             out.square().sum().backward()
             return
-        if case == "hpkit paper":
+        bf16 = torch.bfloat16 if case.endswith("bf16") else None
+        if case.startswith("hpkit"):
+            style = "official" if "official" in case else "paper"
             loss = hpkit.hp_objective(z, f, s_ema, pool_ag, pool_sp, patches_per_image=p, lam=LAM, tau=TAU,
-                                      rho=RHO, z_mix=m)
-        elif case == "hpkit official":
-            loss = hpkit.hp_objective(z, f, s_ema, pool_ag, pool_sp, patches_per_image=p, lam=LAM, tau=TAU,
-                                      rho=RHO, z_mix=m, style="official", negatives=neg_shared)
+                                      rho=RHO, z_mix=m, style=style, negatives=neg_shared if style == "official"
+                                      else None, matmul_dtype=bf16)
         elif case == "naive dense":
             rand = torch.rand(n, n, device=dev) < RHO
             loss = dense_paper_objective(z, f, s_ema, pool_ag, pool_sp, rand, lam=LAM, tau=TAU, z_mix=m)
-        else:
-            loss = official_objective(z, f, s_ema, pool_ag, pool_sp, neg_shared, patches_per_image=p, lam=LAM,
-                                      tau=TAU, z_mix=m)
+        else:  # the official code runs under fp16 autocast; bf16 autocast is the CPU analogue
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 is not None):
+                loss = official_objective(z, f, s_ema, pool_ag, pool_sp, neg_shared, patches_per_image=p,
+                                          lam=LAM, tau=TAU, z_mix=m)
         loss.backward()
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    run_once()  # warm-up (allocator, kernels)
-    sync()
+    # Peak memory over all calls (the first one included, before any allocator caching), relative
+    # to the memory held just before it; time is the fastest of `repeats` calls after a warm-up.
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss_gb()
+    run_once()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -119,8 +140,8 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 - base
-    return {"time_s": sorted(times)[len(times) // 2], "peak_gb": max(peak, 0.0)}
+        peak = _peak_rss_gb() - base
+    return {"time_s": min(times), "peak_gb": max(peak, 0.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 3)} GB {r['note']}",
                   file=sys.stderr, flush=True)
 
-    print(f"\n| (B, grid, D) | N | case | fwd+bwd time (s) | peak memory (GB) | vs official-like slab |")
+    print(f"\n| (B, grid, D) | N | case | fwd+bwd time (s) | peak memory (GB) | vs official-like slab (same precision) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         b, grid, d = (int(v) for v in r["size"].split(","))
-        slab = next((x for x in rows if x["size"] == r["size"] and x["case"] == "official-like slab"), None)
+        same = "official-like slab bf16" if r["case"].endswith("bf16") else "official-like slab"
+        slab = next((x for x in rows if x["size"] == r["size"] and x["case"] == same), None)
         ratio = ""
-        if r["time_s"] is not None and slab and slab["time_s"] and not r["case"].startswith("LHP") \
-                and r["case"] != "official-like slab":
+        if r["time_s"] is not None and slab and slab["time_s"] and not r["case"].startswith(("LHP", "official")):
             ratio = f"{r['time_s'] / slab['time_s']:.2f}x time, {r['peak_gb'] / slab['peak_gb']:.2f}x memory"
         if r["case"] == "LHP hpkit":
             dense = next((x for x in rows if x["size"] == r["size"] and x["case"] == "LHP dense"), None)

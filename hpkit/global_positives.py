@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["criterion", "positive_mask", "global_hidden_positives"]
+__all__ = ["criterion", "positive_mask", "global_hidden_positives", "has_positive"]
 
 
 def criterion(x: Tensor, pool: Tensor, *, chunk_size: int = 8192) -> Tensor:
@@ -90,3 +90,40 @@ def global_hidden_positives(x: Tensor, pool: Tensor, *, symmetric: bool = True) 
     """
     c = criterion(x, pool)
     return positive_mask(x, x, c, c, symmetric=symmetric)
+
+
+def has_positive(x: Tensor, c: Tensor, *, symmetric: bool = True, chunk_size: int = 1024,
+                 column_block: int = 1024) -> Tensor:
+    """Which anchors have at least one hidden positive, without building their full mask rows.
+
+    Each block of anchors is compared with one block of columns at a time, starting with its own
+    rows (same-image patches are the likeliest positives); anchors stop as soon as one positive is
+    found, so the cost is usually a small fraction of the full (N, N) comparison.
+
+    Args:
+        x: (N, d) L2-normalised features; c: (N,) their criteria (Eq. 2).
+
+    Returns:
+        (N,) bool, ``positive_mask(...).any(1)``.
+    """
+    n = x.shape[0]
+    found = torch.zeros(n, dtype=torch.bool, device=x.device)
+    starts = list(range(0, n, column_block))
+    for row_start in range(0, n, chunk_size):
+        pending = torch.arange(row_start, min(row_start + chunk_size, n), device=x.device)
+        first = row_start // column_block
+        for col_start in starts[first:] + starts[:first]:
+            if pending.numel() == 0:
+                break
+            cols = slice(col_start, min(col_start + column_block, n))
+            sim = x[pending] @ x[cols].T
+            hit = sim > c[pending, None]
+            if symmetric:
+                hit |= sim > c[None, cols]
+            own = pending - col_start
+            inside = (own >= 0) & (own < sim.shape[1])
+            hit[inside.nonzero().flatten(), own[inside]] = False  # self is never a positive
+            got = hit.any(dim=1)
+            found[pending[got]] = True
+            pending = pending[~got]
+    return found

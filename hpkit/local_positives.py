@@ -140,23 +140,24 @@ def local_weights(
     if sigma is None:
         sigma = float(p) if style == "paper" else OFFICIAL_SIGMA
 
-    logits = attn_logits.float().mean(dim=1)  # (B, P, P) head average
-    if style == "official":
-        lo, hi = row_quantiles(logits, (0.1, 0.9))
-        logits = torch.maximum(torch.minimum(logits, hi[..., None]), lo[..., None])
-    t = sigma * logits.softmax(dim=-1)  # (B, P, P)
-    threshold = t.mean(dim=-1, keepdim=True)  # = sigma / P up to rounding
-
-    index, valid = neighbour_index(h, w, device=t.device)
-    t_nb = t.gather(-1, index.expand(b, p, 9))  # (B, P, 9)
-    keep = (t_nb > threshold) if style == "paper" else (t_nb >= threshold)
-    keep &= valid
-    if style == "paper":
-        divisor = keep.sum(-1, keepdim=True).clamp(min=1)
-    else:
-        divisor = valid.sum(-1, keepdim=True)
-    weights = torch.where(keep, t_nb, 0.0) / divisor
-    return weights.transpose(1, 2).reshape(b, 9, h, w)
+    index, valid = neighbour_index(h, w, device=attn_logits.device)
+    out = []
+    for image in attn_logits:  # one image at a time: the row statistics need (P, P) floats, not (B, P, P)
+        logits = image.float().mean(dim=0)  # (P, P) head average
+        if style == "official":
+            lo, hi = row_quantiles(logits, (0.1, 0.9))
+            logits = torch.maximum(torch.minimum(logits, hi[:, None]), lo[:, None])
+        t = sigma * logits.softmax(dim=-1)  # (P, P)
+        threshold = t.mean(dim=-1, keepdim=True)  # = sigma / P up to rounding
+        t_nb = t.gather(-1, index)  # (P, 9)
+        keep = (t_nb > threshold) if style == "paper" else (t_nb >= threshold)
+        keep &= valid
+        if style == "paper":
+            divisor = keep.sum(-1, keepdim=True).clamp(min=1)  # |I^local_i| (Eq. 9)
+        else:
+            divisor = valid.sum(-1, keepdim=True)  # |I^surr_i| = 9 / 6 / 4 (D3)
+        out.append(torch.where(keep, t_nb, 0.0) / divisor)
+    return torch.stack(out).transpose(1, 2).reshape(b, 9, h, w)
 
 
 def mix_neighbours(s: Tensor, weights: Tensor) -> Tensor:

@@ -33,7 +33,13 @@ of rows; for each chunk the value *and* its gradient with respect to ``z`` and `
 at once (``dL/dx_ij = softmax_D(x_i)_j - [j in P_i]/|P_i|`` for the paper style) and accumulated into
 (N, D) buffers, so backward is a multiplication and the peak memory is O(chunk x N) in forward and
 backward. Log-sum-exp over masked logits replaces exp/log of masked products. The official style
-chunks by whole images (its pair average is per image), so its chunks hold at least P rows.
+chunks by whole images (its pair average is per image), so its chunks hold at least P rows. The
+paper style first counts the anchors with a positive (:func:`hpkit.global_positives.has_positive`,
+which stops at each anchor's first positive) so that each chunk can sum its ag and sp gradients before
+the matmuls. Per chunk of n anchors the work is n*N*(C + 7D) multiply-adds for the official style
+(selection C + D, logits 2D, gradients 4D), the same as autograd through the official slab loop:
+the savings are in memory and in element-wise passes, and ``matmul_dtype=torch.bfloat16`` runs the
+logit and gradient matmuls on bf16 units.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .global_positives import criterion, positive_mask
+from .global_positives import criterion, has_positive, positive_mask
 from .local_positives import neighbour_index
 
 __all__ = [
@@ -94,16 +100,17 @@ class _GradientInForward(torch.autograd.Function):
         return (None, *grads)
 
 
-def _exp_over_(x: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor]:
-    """In place: ``x <- exp(x - rowmax)`` on the kept entries, 0 on ``exclude``.
+def _exp_over_(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """In place: ``x <- exp(x - rowmax) * keep``.
 
     The row max is taken over all entries and the excluded ones are zeroed *after* the exponential:
     ``exp(-inf)`` and deep underflow take a slow path on CPUs (10-100x), and for unit vectors every
-    ``x - rowmax`` lies in ``[-2/tau, 0]``, far from underflow.
+    ``x - rowmax`` lies in ``[-2/tau, 0]``, far from underflow. A float 0/1 multiply is also several
+    times faster than ``masked_fill_``.
 
     Args:
         x: (n, N) logits, overwritten.
-        exclude: (n, N) bool, entries outside the softmax (outside ``N_i u P_i``).
+        keep: (n, N) 0/1 float mask of the softmax entries (``N_i u P_i``), dtype of ``x``.
 
     Returns:
         lse: (n,) ``log sum_{kept} exp(x_ij)`` (``-inf`` for rows with nothing kept),
@@ -111,7 +118,7 @@ def _exp_over_(x: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor]:
         ``x * inv_sum`` is the masked softmax.
     """
     row_max = x.amax(dim=1, keepdim=True)
-    x.sub_(row_max).exp_().masked_fill_(exclude, 0.0)
+    x.sub_(row_max).exp_().mul_(keep)
     row_sum = x.sum(dim=1, keepdim=True)
     lse = (row_max + row_sum.log()).squeeze(1)
     return lse, torch.where(row_sum > 0, 1.0 / row_sum, 0.0)
@@ -214,6 +221,7 @@ def hp_objective(
     chunk_size: int | None = None,
     neighbour_weights: Tensor | None = None,
     generator: torch.Generator | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The HP contrastive loss with global hidden positives and (optionally) LHP, as a scalar.
 
@@ -240,6 +248,10 @@ def hp_objective(
             loss propagation (Table 5): each selected neighbour ``j`` of anchor ``i`` takes the anchor's
             loss ``L^cont(z_j, P_i, N_i)`` with weight ``t_ij / sum_k t_ik``. Paper style only.
         generator: random generator for the negative draw.
+        matmul_dtype: dtype of the logit and gradient matmuls. ``None``: float32 (float64 for
+            float64 inputs), exact. ``torch.bfloat16`` runs them on bf16 units (AMX CPUs, tensor
+            cores; ~4x faster matmuls here) with float32 softmax and accumulation, like AMP training.
+            The positive selection is always computed in float32 or better.
 
     Returns:
         scalar loss, differentiable in ``z`` and ``z_mix``.
@@ -258,11 +270,14 @@ def hp_objective(
         negatives = bernoulli_mask(p, n, rho, generator=generator, device=device)  # D13: one shared draw
 
     chunk = chunk_size or default_chunk_size(n)
-    if style == "official":
+    if style == "paper":  # paper chunks stack 2 (Phi, Psi) or 10 (loss propagation) rows per anchor
+        chunk = chunk_size or max(1, chunk // (1 + (z_mix is not None) + 9 * (neighbour_weights is not None)))
+    else:
         chunk = max(1, round(chunk / p)) * p
     want = (z.requires_grad, z_mix is not None and z_mix.requires_grad)
+    mm_dtype = matmul_dtype or _work(z).dtype
     common = dict(selections=selections, negatives=negatives, p=p, lam=lam, tau=tau, rho=rho,
-                  symmetric=symmetric, chunk=chunk, generator=generator, want=want)
+                  symmetric=symmetric, chunk=chunk, generator=generator, want=want, mm_dtype=mm_dtype)
     if style == "paper":
         compute = lambda zz, mm: _paper_pass(zz, mm, neighbour_weights=neighbour_weights, **common)  # noqa: E731
     else:
@@ -276,27 +291,25 @@ def _masks(selections, start: int, n: int, symmetric: bool) -> list[Tensor]:
             for x, c in selections]
 
 
-def _not_in_denominator(pos: Tensor, rand: Tensor, start: int) -> Tensor:
-    """(n, N) bool: entries outside ``D_i = (P_i u R_i) \\ {i}``."""
-    out = torch.logical_not(pos | rand)
+def _denominator(pos: Tensor, rand: Tensor, start: int, dtype: torch.dtype) -> Tensor:
+    """(n, N) 0/1 float mask of ``D_i = (P_i u R_i) \\ {i}`` for anchors ``start .. start + n``."""
+    out = (pos | rand).to(dtype)
     rows = torch.arange(out.shape[0], device=out.device)
-    out[rows, rows + start] = True
+    out[rows, rows + start] = 0.0
     return out
 
 
 def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric, chunk, generator, want,
-                neighbour_weights):
+                mm_dtype, neighbour_weights):
     n_total, device = z.shape[0], z.device
     zf = _work(z)
     mf = _work(z_mix) if z_mix is not None else None
     want_any = want[0] or want[1]
+    contrast = zf.to(mm_dtype)  # every paper-style branch contrasts against the clean z (Eq. 5, 10)
     # Pass 1: anchors with at least one positive, per kind, give the means of Eq. 11 (V^ag, V^sp).
-    # Knowing them first lets every chunk combine its terms before the gradient matmuls.
-    n_valid = [0] * len(selections)
-    if want_any:
-        for start in range(0, n_total, chunk):
-            for t, m in enumerate(_masks(selections, start, min(chunk, n_total - start), symmetric)):
-                n_valid[t] += int(m.any(dim=1).sum())
+    # Knowing them first lets each chunk sum its terms before the gradient matmuls (one instead of
+    # one per term); has_positive stops at each anchor's first positive, so this pass is cheap.
+    n_valid = [int(has_positive(x, c, symmetric=symmetric).sum()) if want_any else 0 for x, c in selections]
 
     lp_index = lp_weight = None
     if neighbour_weights is not None:  # loss propagation: neighbour rows and normalised weights
@@ -316,59 +329,64 @@ def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric,
         rows = torch.arange(start, start + n, device=device)
         rand = _negative_rows(negatives, start, n, n_total, p, rho, device, generator)
         pos = _masks(selections, start, n, symmetric)
-        outside = [_not_in_denominator(m, rand, start) for m in pos]
+        denominators = [_denominator(m, rand, start, zf.dtype) for m in pos]
         count = [m.sum(dim=1) for m in pos]
         valid = [c > 0 for c in count]
         pos_f = [m.to(zf.dtype) for m in pos]
         inv_count = [1.0 / c.clamp(min=1) for c in count]
         for t, v in enumerate(valid):
             counted[t] += int(v.sum())
-        # Branches: (anchor vectors, anchor source id, anchor rows, per-row weight or None); contrast is z.
-        branches = [(zf, 0, rows, None)]
-        if mf is not None:
-            branches.append((mf, 1, rows, None))
+        # Branches stacked into one matrix of anchor rows: Phi (z_i), Psi (z_mix_i) and, for loss
+        # propagation, the 9 neighbours z_j of each anchor with weights t_ij / sum_k t_ik.
+        branches = [(0, rows, None)] + ([(1, rows, None)] if mf is not None else [])
         if lp_index is not None:
-            branches += [(zf, 0, lp_index[start:start + n, k], lp_weight[start:start + n, k]) for k in range(9)]
-        for src, src_id, idx, row_w in branches:
-            anchors = src[idx]
-            logits = (anchors / tau) @ zf.T
-            grad = None
+            branches += [(0, lp_index[start:start + n, k], lp_weight[start:start + n, k]) for k in range(9)]
+        anchors = torch.cat([(zf if src == 0 else mf)[idx] for src, idx, _ in branches])
+        a_mm = anchors.to(mm_dtype)
+        logits = ((a_mm / tau) @ contrast.T).to(zf.dtype)  # (branches * n, N)
+        grad = torch.zeros_like(logits) if want_any and len(pos) > 1 else None
+        for k, (_, _, row_w) in enumerate(branches):
+            block = logits[k * n:(k + 1) * n]
             for t in range(len(pos)):
-                x = logits if t == len(pos) - 1 else logits.clone()
+                x = block if t == len(pos) - 1 else block.clone()
                 pos_mean = torch.linalg.vecdot(pos_f[t], x) * inv_count[t]
-                lse, inv_sum = _exp_over_(x, outside[t])
+                lse, inv_sum = _exp_over_(x, denominators[t])
                 w_row = valid[t].to(x.dtype) if row_w is None else valid[t] * row_w
                 loss_sum[t] += (w_row * torch.where(valid[t], lse - pos_mean, 0.0)).sum()
                 if not want_any:
                     continue
                 # dL/dx_ij = coef_t * w_i * (softmax_ij - [j in P_i] / |P_i|)
-                coef = (1.0 if t == 0 else lam) / max(n_valid[t], 1)
-                w_row = w_row * coef
+                w_row = w_row * ((1.0 if t == 0 else lam) / max(n_valid[t], 1))
                 x.mul_(w_row[:, None] * inv_sum)
                 x.addcmul_(pos_f[t], (w_row * inv_count[t])[:, None], value=-1.0)
-                grad = x if grad is None else grad.add_(x)
-            if grad is None:
-                continue
-            if want[src_id]:
-                target = grad_z if src_id == 0 else grad_m
-                if row_w is None:
-                    target[start:start + n].addmm_(grad, zf, alpha=1.0 / tau)
-                else:
-                    target.index_add_(0, idx, grad @ zf, alpha=1.0 / tau)
-            if want[0]:
-                grad_z.addmm_(grad.T, anchors, alpha=1.0 / tau)
+                if grad is not None:
+                    grad[k * n:(k + 1) * n].add_(x)
+        if not want_any:
+            continue
+        grad = logits if grad is None else grad
+        g_mm = grad.to(mm_dtype)
+        if want[0] or want[1]:
+            anchor_side = (g_mm @ contrast).to(zf.dtype) / tau  # (branches * n, D)
+            for k, (src, idx, _) in enumerate(branches):
+                if want[src]:
+                    (grad_z if src == 0 else grad_m).index_add_(0, idx, anchor_side[k * n:(k + 1) * n])
+        if want[0]:
+            grad_z += (g_mm.T @ a_mm).to(zf.dtype) / tau
 
-    coef = [1.0 / max(counted[0], 1)] + [lam / max(v, 1) for v in counted[1:]]
+    counts = n_valid if want_any else counted  # the same normalisers for the value and its gradient
+    coef = [1.0 / max(counts[0], 1)] + [lam / max(v, 1) for v in counts[1:]]
     value = sum(c * s for c, s in zip(coef, loss_sum))
     return value, [grad_z.to(z.dtype) if want[0] else None, grad_m.to(z_mix.dtype) if want[1] else None]
 
 
-def _official_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric, chunk, generator, want):
+def _official_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric, chunk, generator, want,
+                   mm_dtype):
     n_total, device = z.shape[0], z.device
     n_images = n_total // p
     branches = [(_work(z), 0)] + ([(_work(z_mix), 1)] if z_mix is not None else [])
     # (tau / 0.07) and the mean over images and over the Phi / Psi branches (the official 1/(2B)).
     scale = (tau / OFFICIAL_BASE_TEMPERATURE) / (n_images * len(branches))
+    branches_mm = [v.to(mm_dtype) for v, _ in branches]
     total = branches[0][0].new_zeros(())
     grads = [torch.zeros_like(v) if want[i] else None for v, i in branches]
 
@@ -387,18 +405,23 @@ def _official_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetr
         inv_w = torch.where(image_w > 0, 1.0 / image_w.clamp(min=1e-12), 0.0).repeat_interleave(p)  # (n,)
         weight.mul_(inv_w[:, None])  # w_ij / W_b
         row_w = row_w * inv_w  # n_i / W_b
-        outside = _not_in_denominator(agnostic, rand, start)  # D_i = (A_i u R_i) \ {i}
-        for vecs, i in branches:
-            anchors = vecs[start:start + n]
-            x = (anchors / tau) @ vecs.T
+        denominator = _denominator(agnostic, rand, start, total.dtype)  # D_i = (A_i u R_i) \ {i}
+        for (vecs, i), vecs_mm in zip(branches, branches_mm):
+            anchors = vecs_mm[start:start + n]
+            x = ((anchors / tau) @ vecs_mm.T).to(total.dtype)
             weighted = torch.linalg.vecdot(weight, x)  # sum_j w_ij x_ij / W_b
-            lse, inv_sum = _exp_over_(x, outside)
+            lse, inv_sum = _exp_over_(x, denominator)
             total -= (weighted - row_w * torch.where(valid, lse, 0.0)).sum()
             if want[i]:
                 # dPhi_b/dx_ij = (n_i softmax_ij - w_ij) / W_b
                 x.mul_(row_w[:, None] * inv_sum).sub_(weight)
-                grads[i][start:start + n].addmm_(x, vecs, alpha=1.0 / tau)
-                grads[i].addmm_(x.T, anchors, alpha=1.0 / tau)
+                if vecs_mm.dtype == x.dtype:
+                    grads[i][start:start + n].addmm_(x, vecs, alpha=1.0 / tau)
+                    grads[i].addmm_(x.T, anchors, alpha=1.0 / tau)
+                else:
+                    x = x.to(vecs_mm.dtype)
+                    grads[i][start:start + n] += (x @ vecs_mm).to(total.dtype) / tau
+                    grads[i] += (x.T @ anchors).to(total.dtype) / tau
     value = scale * total
     out = [g * scale if g is not None else None for g in grads]
     out = [out[0].to(z.dtype) if want[0] else None,
@@ -436,9 +459,9 @@ def self_contrastive_loss(z: Tensor, z_aug: Tensor, *, tau: float, chunk_size: i
             partner = (rows + start + n) % total
             x = (views[start:start + m] / tau) @ views.T
             positive = x[rows, partner]
-            self_only = torch.zeros_like(x, dtype=torch.bool)
-            self_only[rows, rows + start] = True
-            lse, inv_sum = _exp_over_(x, self_only)
+            others = torch.ones_like(x)
+            others[rows, rows + start] = 0.0
+            lse, inv_sum = _exp_over_(x, others)
             loss_sum += (lse - positive).sum()
             if grad is not None:  # dL/dx_ij = softmax_ij - [j = partner(i)]
                 x.mul_(inv_sum)

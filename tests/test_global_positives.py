@@ -6,6 +6,7 @@ import torch
 from dense_reference import ghp_sets
 
 from hpkit import criterion, global_hidden_positives, positive_mask
+from hpkit.global_positives import has_positive
 
 S60 = math.sin(math.radians(60))
 # Three unit features: 0 at 0 deg, 1 at 60 deg, 2 at 180 deg; pool = one entry at 90 deg.
@@ -59,3 +60,17 @@ def test_width_mismatch_is_a_clear_error():
         assert "task-agnostic pool" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_has_positive_equals_any_of_the_full_mask(batch):
+    for symmetric in (True, False):
+        x = batch["f"]
+        near = torch.nn.functional.normalize(x[:30] + 1e-3 * torch.randn(30, x.shape[1], dtype=x.dtype,
+                                             generator=torch.Generator().manual_seed(0)), dim=1)
+        pool = torch.cat([batch["pool_ag"], near])  # anchors 0-29 have c_i ~ 1: few or no positives
+        c = criterion(x, pool)
+        expected = global_hidden_positives(x, pool, symmetric=symmetric).any(1)
+        assert 0 < int(expected.sum()) < x.shape[0]  # some anchors have positives, some do not
+        for chunk, block in ((7, 11), (60, 60), (13, 4)):
+            got = has_positive(x, c, symmetric=symmetric, chunk_size=chunk, column_block=block)
+            assert torch.equal(got, expected)

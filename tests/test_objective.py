@@ -195,3 +195,40 @@ def test_regulariser_by_hand():
 def test_lambda_schedule_by_hand():
     assert [lambda_schedule(t, 10, warmup=2) for t in (0, 2, 3, 6, 10)] == [0.0, 0.0, 0.125, 0.5, 1.0]
     assert lambda_schedule(5, 10) == 0.5
+
+
+@pytest.mark.parametrize("style", ["paper", "official"])
+def test_bfloat16_matmuls_stay_close_to_float32(batch, style):
+    args = [batch[k].float() for k in ("z", "f", "s_ema", "pool_ag", "pool_sp")]
+    kw = dict(patches_per_image=batch["p"], lam=0.5, tau=0.5, rho=0.3, style=style,
+              negatives=batch["rand_shared"])
+    results = []
+    for dtype in (None, torch.bfloat16):
+        z = args[0].clone().requires_grad_()
+        m = batch["z_mix"].float().clone().requires_grad_()
+        loss = hp_objective(z, *args[1:], z_mix=m, matmul_dtype=dtype, **kw)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (z, m))))
+    (l32, gz32, gm32), (l16, gz16, gm16) = results
+    assert l16.item() == pytest.approx(l32.item(), rel=1e-2)
+    for a, b in ((gz32, gz16), (gm32, gm16)):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("rate,cols", [(0.02, 5000), (0.15, 300), (0.5, 400)])
+def test_bernoulli_mask_has_the_requested_rate(rate, cols):
+    from hpkit.objective import bernoulli_mask
+
+    rows = 400
+    mask = bernoulli_mask(rows, cols, rate, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (rows, cols) and mask.dtype == torch.bool
+    per_row = mask.sum(1).double()
+    mean, var = cols * rate, cols * rate * (1 - rate)
+    # Binomial(cols, rate) per row: the average over 400 rows lies within 4 standard errors
+    assert abs(per_row.mean().item() - mean) < 4 * math.sqrt(var / rows)
+    assert 0.7 * var < per_row.var().item() < 1.3 * var
+    # positions are spread evenly: each quarter of the columns gets a quarter of the hits
+    quarters = mask.reshape(rows, 4, cols // 4).sum((0, 2)).double()
+    assert (quarters / quarters.sum() - 0.25).abs().max() < 0.02
+    again = bernoulli_mask(rows, cols, rate, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+    assert bernoulli_mask(2, 3, 1.0).all() and not bernoulli_mask(2, 3, 0.0).any()
