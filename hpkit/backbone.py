@@ -20,6 +20,7 @@ features meaningless; for tests) and ``auto``. Weights come from ``weights=PATH`
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,17 @@ def _local_weights(spec: BackboneSpec) -> Path | None:
     return None
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all (avoids a minute of retries on an offline machine)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _build_vit(spec: BackboneSpec) -> nn.Module:
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
                              **spec.timm_kwargs)
@@ -261,13 +273,16 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         if local is not None:
             _load_into(vit, local, name)
         else:
+            advice = (f"Fetch {spec.url} on a machine with internet and either save it as "
+                      f"{weights_dir() / (spec.dino_file + '.pth')} or pass weights=PATH (the timm hub copy "
+                      f"'{spec.hub_id}' works too).")
+            if not _hub_reachable():
+                raise BackboneWeightsError(f"no weights for {name!r} on this machine and the model hub cannot be "
+                                           f"reached (offline?).\n{advice}")
             try:
                 vit = timm.create_model(spec.timm_name, pretrained=True, num_classes=0, dynamic_img_size=True,
                                         **spec.timm_kwargs)
             except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
-                raise BackboneWeightsError(
-                    f"no weights for {name!r} on this machine and the download failed ({type(err).__name__}: "
-                    f"{str(err)[:200]}).\nFetch {spec.url} on a machine with internet and either save it "
-                    f"as {weights_dir() / (spec.dino_file + '.pth')} or pass weights=PATH "
-                    f"(the timm hub copy '{spec.hub_id}' works too).") from err
+                raise BackboneWeightsError(f"no weights for {name!r} on this machine and the download failed "
+                                           f"({type(err).__name__}: {str(err)[:200]}).\n{advice}") from err
     return FrozenViT(vit, name, spec.patch_size).to(device)

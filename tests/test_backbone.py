@@ -128,3 +128,20 @@ def test_auto_uses_local_dino_weights_else_falls_back(tmp_path, vits8_state):
     torch.save(vits8_state, tmp_path / "weights" / "dino_deitsmall8_pretrain.pth")
     result = _run_offline(code, tmp_path)
     assert "NAME dino_vits8" in result.stdout, result.stderr
+
+
+def test_unreachable_hub_fails_fast_with_advice(tmp_path, monkeypatch):
+    import socket
+
+    import hpkit.backbone as backbone
+
+    def refuse(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setenv("HPKIT_WEIGHTS", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(backbone, "_local_weights", lambda spec: None)  # ignore any real local cache
+    with pytest.raises(BackboneWeightsError, match="cannot be reached") as err:
+        load_backbone("dino_vitb16")
+    assert "dino_vitbase16_pretrain.pth" in str(err.value)
