@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if r["case"] == "LHP hpkit":
             dense = next((x for x in rows if x["size"] == r["size"] and x["case"] == "LHP dense"), None)
             if dense and dense["time_s"]:
-                ratio = f"vs LHP dense: {r['time_s'] / dense['time_s']:.3f}x time"
+                ratio = (f"vs LHP dense: {r['time_s'] / dense['time_s']:.3f}x time, "
+                         f"{r['peak_gb'] / dense['peak_gb']:.2f}x memory")
         t = "-" if r["time_s"] is None else f"{r['time_s']:.3f}"
         mem = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.3f}"
         print(f"| ({b}, {grid}, {d}) | {b * grid * grid} | {r['case']} | {t} | {mem} | {ratio or r['note']} |")

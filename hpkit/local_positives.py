@@ -178,8 +178,11 @@ def mix_neighbours(s: Tensor, weights: Tensor) -> Tensor:
     weights = weights.to(s.dtype)
     out = None
     for k, (dy, dx) in enumerate(NEIGHBOUR_OFFSETS):
-        term = weights[:, k : k + 1] * padded[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-        out = term if out is None else out + term
+        shifted = padded[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        if out is None:
+            out = weights[:, k : k + 1] * shifted
+        else:
+            out.addcmul_(weights[:, k : k + 1], shifted)  # in place: one (B, D, h, w) buffer in all
     return out
 
 
