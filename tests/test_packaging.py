@@ -56,3 +56,14 @@ def test_quickstart_command_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "objective (paper style)" in result.stdout and "objective (official style)" in result.stdout
     assert "gradient reached the segmentation head" in result.stdout
+
+
+def test_readme_library_example_runs():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## The library in one picture", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert scope["loss"].dim() == 0 and scope["loss"].item() > 0
+    assert scope["head"].linear.weight.grad is not None
+    assert scope["pools"].specific.shape == (32, 64)
