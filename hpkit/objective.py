@@ -365,11 +365,10 @@ def _paper_pass(z, z_mix, *, selections, negatives, p, lam, tau, rho, symmetric,
             continue
         grad = logits if grad is None else grad
         g_mm = grad.to(mm_dtype)
-        if want[0] or want[1]:
-            anchor_side = (g_mm @ contrast).to(zf.dtype) / tau  # (branches * n, D)
-            for k, (src, idx, _) in enumerate(branches):
-                if want[src]:
-                    (grad_z if src == 0 else grad_m).index_add_(0, idx, anchor_side[k * n:(k + 1) * n])
+        anchor_side = (g_mm @ contrast).to(zf.dtype) / tau  # (branches * n, D)
+        for k, (src, idx, _) in enumerate(branches):
+            if want[src]:
+                (grad_z if src == 0 else grad_m).index_add_(0, idx, anchor_side[k * n:(k + 1) * n])
         if want[0]:
             grad_z += (g_mm.T @ a_mm).to(zf.dtype) / tau
 
