@@ -190,8 +190,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 def _local_weights(spec: BackboneSpec) -> Path | None:
     """A weights file for ``spec`` already on this machine, or None (never touches the network)."""
     folder = weights_dir()
-    for name in (f"{spec.dino_file}.pth", f"{spec.timm_name}.safetensors", f"{spec.timm_name}.pth"):
-        if name and (folder / name).is_file():
+    names = [f"{spec.dino_file}.pth"] if spec.dino_file else []
+    for name in names + [f"{spec.timm_name}.safetensors", f"{spec.timm_name}.pth"]:
+        if (folder / name).is_file():
             return folder / name
     if spec.hub_id:
         try:
@@ -216,8 +217,9 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _build_vit(spec: BackboneSpec) -> nn.Module:
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+def _build_vit(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
+    """The timm ViT of ``spec`` without classifier, accepting any multiple of the patch size."""
+    return timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True,
                              **spec.timm_kwargs)
 
 
@@ -265,24 +267,21 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or 'auto'")
     spec = BACKBONES[name]
-    vit = _build_vit(spec)
-    if weights is not None:
-        _load_into(vit, Path(weights), name)
-    elif spec.pretrained:
-        local = _local_weights(spec)
-        if local is not None:
-            _load_into(vit, local, name)
-        else:
-            advice = (f"Fetch {spec.url} on a machine with internet and either save it as "
-                      f"{weights_dir() / (spec.dino_file + '.pth')} or pass weights=PATH (the timm hub copy "
-                      f"'{spec.hub_id}' works too).")
-            if not _hub_reachable():
-                raise BackboneWeightsError(f"no weights for {name!r} on this machine and the model hub cannot be "
-                                           f"reached (offline?).\n{advice}")
-            try:
-                vit = timm.create_model(spec.timm_name, pretrained=True, num_classes=0, dynamic_img_size=True,
-                                        **spec.timm_kwargs)
-            except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
-                raise BackboneWeightsError(f"no weights for {name!r} on this machine and the download failed "
-                                           f"({type(err).__name__}: {str(err)[:200]}).\n{advice}") from err
+    source = Path(weights) if weights is not None else (_local_weights(spec) if spec.pretrained else None)
+    if source is not None or not spec.pretrained:
+        vit = _build_vit(spec)
+        if source is not None:
+            _load_into(vit, source, name)
+    else:
+        advice = (f"Fetch {spec.url} on a machine with internet and either save it as "
+                  f"{weights_dir() / (spec.dino_file + '.pth')} or pass weights=PATH (the timm hub copy "
+                  f"'{spec.hub_id}' works too).")
+        if not _hub_reachable():
+            raise BackboneWeightsError(f"no weights for {name!r} on this machine and the model hub cannot be "
+                                       f"reached (offline?).\n{advice}")
+        try:
+            vit = _build_vit(spec, pretrained=True)
+        except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
+            raise BackboneWeightsError(f"no weights for {name!r} on this machine and the download failed "
+                                       f"({type(err).__name__}: {str(err)[:200]}).\n{advice}") from err
     return FrozenViT(vit, name, spec.patch_size).to(device)
