@@ -85,7 +85,9 @@ class ReferencePools:
     """The two reference pools of HP, built from a bank of raw backbone patch features.
 
     Args:
-        bank: (K, C) raw backbone features of random patches (see :func:`collect_patch_bank`).
+        bank: (K, C) raw backbone features of random patches (see :func:`collect_patch_bank`). Build
+            it with ``per_image=1`` so that ``Q^ag`` holds one patch per image, as in the paper; a
+            bank from more images than M gives every refresh of ``Q^sp`` a fresh sample.
         size: pool size M (<= K). ``Q^ag`` takes M random rows of the bank once.
         generator: random generator for the row draws.
 
