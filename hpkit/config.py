@@ -70,7 +70,6 @@ class OptimConfig:
     linear_lr: float = 1e-3  # linear probe
     cluster_lr: float = 5e-3  # cluster probe
     grad_clip: float = 10.0
-    amp: bool = True  # mixed precision on CUDA
 
 
 @dataclass
@@ -78,8 +77,7 @@ class TrainConfig:
     epochs: int = 3
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    val_every: int = 100  # iterations between validations (0: only at the end)
-    log_every: int = 25
+    val_every: int = 100  # iterations between checkpoints (and validations, with the evaluation loop); 0: end only
 
 
 @dataclass
@@ -121,8 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.num_val": 64, "data.batch_size": 8, "data.num_workers": 0,
         "model.backbone": "auto", "model.dim": 64, "model.ema_momentum": 0.99,
         "loss.tau": 0.6, "loss.pool_size": 256, "loss.renew_interval": 20, "loss.warmup": 20,
-        "train.epochs": 2, "train.device": "cpu", "train.val_every": 0, "train.log_every": 10,
-        "optim.amp": False,
+        "train.epochs": 2, "train.device": "cpu", "train.val_every": 0,
     },
 }
 
