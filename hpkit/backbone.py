@@ -10,8 +10,8 @@
   fused attention never materialises them (as DINO's ``get_last_selfattention``, before softmax).
 
 Names: ``dino_vits8``, ``dino_vits16``, ``dino_vitb8``, ``dino_vitb16`` (timm's ``*.dino`` configs),
-``random_tiny`` (a randomly initialised ViT with patch 8, width 192, depth 6, 3 heads: shapes right,
-features meaningless; for tests) and ``auto``. Weights come from ``weights=PATH`` (official DINO
+``random_tiny`` (a randomly initialised ViT with patch 8, width 192, depth 6, 3 heads, always from
+seed 0: shapes right, features meaningless; for tests) and ``auto``. Weights come from ``weights=PATH`` (official DINO
 ``.pth`` files, with or without ``teacher``/``student``, ``module.`` and ``backbone.``; timm
 ``.pth``/``.safetensors`` files), from the local weights folder (``$HPKIT_WEIGHTS`` or
 ``~/.cache/hpkit/weights``), from the Hugging Face cache, or from the hub when online.
@@ -268,10 +268,13 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or 'auto'")
     spec = BACKBONES[name]
     source = Path(weights) if weights is not None else (_local_weights(spec) if spec.pretrained else None)
-    if source is not None or not spec.pretrained:
+    if source is not None:
         vit = _build_vit(spec)
-        if source is not None:
-            _load_into(vit, source, name)
+        _load_into(vit, source, name)
+    elif not spec.pretrained:
+        with torch.random.fork_rng(devices=[]):  # the same random backbone in every run and process
+            torch.manual_seed(0)
+            vit = _build_vit(spec)
     else:
         advice = (f"Fetch {spec.url} on a machine with internet and either save it as "
                   f"{weights_dir() / (spec.dino_file + '.pth')} or pass weights=PATH (the timm hub copy "

@@ -98,7 +98,8 @@ def crf_batch(images: Tensor, scores: Tensor, *, workers: int | None = None, tim
     Args:
         images: (B, 3, H, W) in [0, 1].
         scores: (B, C, h, w) logits or log-probabilities.
-        workers: processes (``None``: CPU count, capped at B; 0 or 1: serial in this process).
+        workers: processes (``None``: the CPU count for 8 or more images, else serial, since starting
+            a pool costs seconds; 0 or 1: serial in this process).
         timeout: seconds allowed per image before the pool is abandoned.
 
     Returns:
@@ -108,7 +109,8 @@ def crf_batch(images: Tensor, scores: Tensor, *, workers: int | None = None, tim
         raise ImportError(_MISSING)
     jobs = [_prepare(img, sc) for img, sc in zip(images, scores)]
     results: list[np.ndarray | None] = [None] * len(jobs)
-    workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else workers
+    if workers is None:
+        workers = min(os.cpu_count() or 1, len(jobs)) if len(jobs) >= 8 else 1
     if workers > 1:
         # No `with`: leaving a `with` block waits for the workers, which is how pools hang.
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))

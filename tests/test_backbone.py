@@ -145,3 +145,11 @@ def test_unreachable_hub_fails_fast_with_advice(tmp_path, monkeypatch):
     with pytest.raises(BackboneWeightsError, match="cannot be reached") as err:
         load_backbone("dino_vitb16")
     assert "dino_vitbase16_pretrain.pth" in str(err.value)
+
+
+def test_random_tiny_is_the_same_in_every_run():
+    torch.manual_seed(123)
+    a = load_backbone("random_tiny")
+    torch.manual_seed(456)
+    b = load_backbone("random_tiny")
+    torch.testing.assert_close(a.vit.blocks[0].attn.qkv.weight, b.vit.blocks[0].attn.qkv.weight)
