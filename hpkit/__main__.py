@@ -1,12 +1,17 @@
-"""Command line: ``python -m hpkit <command>`` (also installed as ``hpkit``)."""
+"""Command line: ``python -m hpkit <command>`` (also installed as ``hpkit``).
+
+Commands: ``quickstart`` (one HP step, explained), ``train`` (a preset plus ``--set`` overrides),
+``eval`` (metrics of a trained run, optionally with CRF; ``--json`` prints one JSON object).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpkit", description="Hidden positives for unsupervised segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
     quick = sub.add_parser("quickstart", help="run one HP step end to end and explain each stage")
@@ -14,15 +19,50 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("--batch", type=int, default=4)
     quick.add_argument("--image-size", type=int, default=64, help="multiple of the patch size")
     quick.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "quickstart":
-        from .quickstart import run_quickstart
+    train = sub.add_parser("train", help="train HP from a preset")
+    train.add_argument("--preset", default="demo", help="cocostuff27 | cityscapes27 | potsdam3 | demo")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set loss.tau=0.6 (repeatable)")
+    train.add_argument("--out", required=True, help="output folder (checkpoint, config, history)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations")
+    ev = sub.add_parser("eval", help="evaluate a trained run on its validation split")
+    ev.add_argument("run_dir", help="folder written by `hpkit train`")
+    ev.add_argument("--crf", action="store_true", help="also report CRF-refined predictions")
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    ev.add_argument("--max-images", type=int, default=None)
+    return parser
 
-        try:
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "quickstart":
+            from .quickstart import run_quickstart
+
             run_quickstart(backbone=args.backbone, batch=args.batch, image_size=args.image_size, seed=args.seed)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"hpkit: {err}", file=sys.stderr)
-            return 2
+        elif args.command == "train":
+            from .config import get_config
+            from .train import train
+
+            cfg = get_config(args.preset, args.overrides)
+            result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps)
+            last = result["history"][-1]["loss"] if result["history"] else float("nan")
+            print(f"trained {result['steps']} steps, last loss {last:.4f}; checkpoint in {args.out}")
+        elif args.command == "eval":
+            from .evaluate import evaluate
+
+            result = evaluate(args.run_dir, crf=args.crf, max_images=args.max_images)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                for key in ("cluster", "linear", "kmeans_backbone", "cluster_crf", "linear_crf"):
+                    if key in result:
+                        print(f"{key:>16}: accuracy {100 * result[key]['pixel_accuracy']:.1f}  "
+                              f"mIoU {100 * result[key]['mean_iou']:.1f}")
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"hpkit: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

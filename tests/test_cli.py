@@ -1,0 +1,35 @@
+"""The command line: train a tiny run, evaluate it as JSON, and report bad input without a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
+        "data.num_val=4", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]
+
+
+def hpkit(*args):
+    return subprocess.run([sys.executable, "-m", "hpkit", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_train_then_eval_json(tmp_path):
+    sets = [x for item in TINY for x in ("--set", item)]
+    result = hpkit("train", "--preset", "demo", *sets, "--out", str(tmp_path), "--max-steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert "trained 3 steps" in result.stdout and (tmp_path / "checkpoint.pt").is_file()
+    result = hpkit("eval", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["images"] == 4 and 0 <= metrics["cluster"]["pixel_accuracy"] <= 1
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path):
+    result = hpkit("train", "--preset", "demo", "--set", "loss.temperature=1", "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown config key 'loss.temperature'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = hpkit("eval", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "no checkpoint" in result.stderr
+    assert hpkit("train", "--help").returncode == 0 and hpkit("eval", "--help").returncode == 0
