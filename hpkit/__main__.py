@@ -1,7 +1,8 @@
 """Command line: ``python -m hpkit <command>`` (also installed as ``hpkit``).
 
 Commands: ``quickstart`` (one HP step, explained), ``train`` (a preset plus ``--set`` overrides),
-``eval`` (metrics of a trained run, optionally with CRF; ``--json`` prints one JSON object).
+``eval`` (metrics of a trained run, optionally with CRF; ``--json`` prints one JSON object),
+``segment`` (label map and overlay of one image).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import numpy as np
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--crf", action="store_true", help="also report CRF-refined predictions")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.add_argument("--max-images", type=int, default=None)
+    seg = sub.add_parser("segment", help="segment an image with a trained run")
+    seg.add_argument("image", help="image file (any size)")
+    seg.add_argument("--checkpoint", required=True, help="run folder written by `hpkit train`")
+    seg.add_argument("--out", default=None, help="write the colour overlay here (PNG)")
+    seg.add_argument("--crf", action="store_true", help="refine with the dense CRF")
     return parser
 
 
@@ -60,7 +68,19 @@ def main(argv: list[str] | None = None) -> int:
                     if key in result:
                         print(f"{key:>16}: accuracy {100 * result[key]['pixel_accuracy']:.1f}  "
                               f"mIoU {100 * result[key]['mean_iou']:.1f}")
-    except (ValueError, FileNotFoundError, ImportError) as err:
+        elif args.command == "segment":
+            from .segment import segment
+
+            result = segment(args.image, args.checkpoint, crf=args.crf)
+            ids, counts = np.unique(result.labels, return_counts=True)
+            names = result.class_names
+            parts = [f"{names[i] if 0 <= i < len(names) else i}: {100 * c / result.labels.size:.1f}%"
+                     for i, c in zip(ids.tolist(), counts.tolist())]
+            print(f"{result.labels.shape[1]}x{result.labels.shape[0]} pixels; " + ", ".join(parts))
+            if args.out:
+                result.overlay.save(args.out)
+                print(f"overlay written to {args.out}")
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
         print(f"hpkit: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,55 @@
+"""Segmenting a new image of any size with a trained run (and through the CLI)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hpkit.config import get_config
+from hpkit.evaluate import evaluate
+from hpkit.segment import segment
+from hpkit.train import train
+
+TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
+        "data.num_val=4", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(get_config("demo", TINY), out, progress=False)
+    return out
+
+
+def test_any_size_and_mode_gives_a_full_size_label_map(run, tmp_path):
+    image = (np.random.default_rng(0).random((37, 50, 3)) * 255).astype(np.uint8)  # not a multiple of 8
+    result = segment(image, run)
+    assert result.labels.shape == (37, 50) and result.overlay.size == (50, 37)
+    assert result.labels.min() >= 0 and result.labels.max() < 9
+    Image.fromarray(image[:, :, 0]).save(tmp_path / "gray.png")
+    assert segment(tmp_path / "gray.png", run, crf=True, flip=False).labels.shape == (37, 50)
+    tiny = segment(image[:5, :6], run)  # smaller than one patch: resized up to one patch
+    assert tiny.labels.shape == (5, 6)
+
+
+def test_evaluation_mapping_names_the_clusters(run):
+    image = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
+    before = segment(image, run).labels
+    mapping = evaluate(run)["cluster"]["mapping"]
+    after = segment(image, run).labels
+    assert np.array_equal(after, np.asarray(mapping)[before])
+
+
+def test_cli_segment_writes_overlay(run, tmp_path):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "in.png")
+    cmd = [sys.executable, "-m", "hpkit", "segment", str(tmp_path / "in.png"), "--checkpoint", str(run),
+           "--out", str(tmp_path / "out.png")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "30x20 pixels" in result.stdout and Image.open(tmp_path / "out.png").size == (30, 20)
+    bad = subprocess.run([sys.executable, "-m", "hpkit", "segment", str(tmp_path / "nope.png"), "--checkpoint",
+                          str(run)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "cannot read image" in bad.stderr
