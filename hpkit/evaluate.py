@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .backbone import load_backbone
-from .config import from_dict
 from .crf import crf_batch
-from .heads import SegmentationHead, to_rows
+from .heads import to_rows
 from .metrics import confusion_matrix, segmentation_metrics
-from .probes import ClusterProbe, LinearProbe
-from .train import CHECKPOINT, build_dataset
+from .probes import ClusterProbe
+from .train import build_dataset, load_run
 
 __all__ = ["evaluate"]
 
@@ -54,23 +52,13 @@ def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None =
         number of images and the configuration name.
     """
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first (hpkit.train.train) or check the folder")
-    state = torch.load(path, map_location=device, weights_only=False)
-    cfg = from_dict(state["config"])
+    run = load_run(run_dir, device)
+    cfg, backbone, head, cluster, linear = run.cfg, run.backbone, run.head, run.cluster, run.linear
     data = build_dataset(cfg, "val")
     names = list(getattr(data, "class_names", ()))
     if not names:
         raise ValueError("the validation data has no class names, so there is nothing to score against")
     n_classes = len(names)
-    backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
-    head = SegmentationHead(backbone.embed_dim, cfg.model.dim, cfg.model.dropout).to(device).eval()
-    head.load_state_dict(state["head"])
-    cluster = ClusterProbe(cfg.model.dim, n_classes).to(device)
-    cluster.load_state_dict(state["cluster"])
-    linear = LinearProbe(cfg.model.dim, n_classes).to(device)
-    linear.load_state_dict(state["linear"])
 
     count = len(data) if max_images is None else min(max_images, len(data))
     subset = torch.utils.data.Subset(data, range(count))

@@ -18,14 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbone import load_backbone
-from .config import from_dict
 from .crf import dense_crf
 from .data.folder import load_rgb
 from .data.synthetic import CLASS_NAMES
-from .heads import SegmentationHead
-from .probes import ClusterProbe
-from .train import CHECKPOINT
+from .train import load_run
 
 __all__ = ["segment", "Segmentation"]
 
@@ -51,22 +47,14 @@ def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path, *
     Returns:
         :class:`Segmentation` with the (H, W) label map, an overlay image and the class names.
     """
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first with `hpkit train`")
-    state = torch.load(path, map_location=device, weights_only=False)
-    cfg = from_dict(state["config"])
+    run = load_run(run_dir, device)
+    cfg, backbone, head, cluster = run.cfg, run.backbone, run.head, run.cluster
     if isinstance(image, (str, Path)):
         pil = load_rgb(image)
     elif isinstance(image, np.ndarray):
         pil = Image.fromarray(image).convert("RGB")
     else:
         pil = image.convert("RGB")
-    backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
-    head = SegmentationHead(backbone.embed_dim, cfg.model.dim, cfg.model.dropout).to(device).eval()
-    head.load_state_dict(state["head"])
-    cluster = ClusterProbe(cfg.model.dim, state["cluster"]["centroids"].shape[0]).to(device)
-    cluster.load_state_dict(state["cluster"])
 
     w, h = pil.size
     p = backbone.patch_size

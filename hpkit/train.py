@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .backbone import load_backbone
-from .config import Config, to_dict
+from .config import Config, from_dict, to_dict
 from .data import ImageFolder, SyntheticScenes
 from .heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
 from .local_positives import local_weights, mix_neighbours
@@ -38,7 +39,7 @@ from .objective import consistency_regularizer, hp_objective, lambda_schedule, s
 from .pools import ReferencePools, collect_patch_bank
 from .probes import ClusterProbe, LinearProbe
 
-__all__ = ["train", "build_dataset", "photometric", "save_checkpoint", "TrainingDiverged"]
+__all__ = ["train", "build_dataset", "photometric", "save_checkpoint", "load_run", "TrainedRun", "TrainingDiverged"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -86,6 +87,34 @@ def save_checkpoint(state: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+@dataclass
+class TrainedRun:
+    """What :func:`load_run` restores from a run folder (modules in eval mode, on ``device``)."""
+
+    cfg: Config
+    backbone: torch.nn.Module
+    head: SegmentationHead
+    cluster: ClusterProbe
+    linear: LinearProbe
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
+    """Rebuild the backbone, head and probes of a run written by :func:`train`."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train first (`hpkit train` or hpkit.train.train)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    cfg = from_dict(state["config"])
+    backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
+    head = SegmentationHead(backbone.embed_dim, cfg.model.dim, cfg.model.dropout).to(device).eval()
+    head.load_state_dict(state["head"])
+    cluster = ClusterProbe(cfg.model.dim, state["cluster"]["centroids"].shape[0]).to(device)
+    cluster.load_state_dict(state["cluster"])
+    linear = LinearProbe(cfg.model.dim, state["linear"]["conv.weight"].shape[0]).to(device)
+    linear.load_state_dict(state["linear"])
+    return TrainedRun(cfg, backbone, head, cluster, linear)
 
 
 def _generator(*seed: int) -> torch.Generator:
