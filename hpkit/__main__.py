@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--crf", action="store_true", help="also report CRF-refined predictions")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.add_argument("--max-images", type=int, default=None)
+    ev.add_argument("--plots", action="store_true",
+                    help="also write history.png, confusion_cluster.png and confusion_linear.png into the run folder")
     seg = sub.add_parser("segment", help="segment an image with a trained run")
     seg.add_argument("image", help="image file (any size)")
     seg.add_argument("--checkpoint", required=True, help="run folder written by `hpkit train`")
@@ -56,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = get_config(args.preset, args.overrides)
             result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps)
             last = result["history"][-1]["loss"] if result["history"] else float("nan")
-            print(f"trained {result['steps']} steps, last loss {last:.4f}; checkpoint in {args.out}")
+            if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+                print(f"trained {result['steps']} steps, last loss {last:.4f}; checkpoint in {args.out}")
         elif args.command == "eval":
             from .evaluate import evaluate
 
             result = evaluate(args.run_dir, crf=args.crf, max_images=args.max_images)
+            if args.plots:
+                _write_plots(args.run_dir, result)
             if args.json:
                 print(json.dumps(result))
             else:
@@ -68,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                     if key in result:
                         print(f"{key:>16}: accuracy {100 * result[key]['pixel_accuracy']:.1f}  "
                               f"mIoU {100 * result[key]['mean_iou']:.1f}")
+                names = result["classes"]
+                print("cluster -> class: " + ", ".join(f"{k}->{names[c] if c >= 0 else '?'}"
+                                                       for k, c in enumerate(result["cluster"]["mapping"])))
         elif args.command == "segment":
             from .segment import segment
 
@@ -83,7 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, OSError) as err:
         print(f"hpkit: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hpkit: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _write_plots(run_dir: str, result: dict) -> None:
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .plots import plot_confusion, plot_history
+
+    out = Path(run_dir)
+    written = []
+    if (out / "history.json").is_file():
+        plot_history(out).savefig(out / "history.png", dpi=120)
+        written.append("history.png")
+    for key in ("cluster", "linear"):
+        plot_confusion(result[key]["confusion"], result["classes"], title=f"{key} probe").savefig(
+            out / f"confusion_{key}.png", dpi=120)
+        written.append(f"confusion_{key}.png")
+    print(f"plots written to {out}: {', '.join(written)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -114,12 +114,14 @@ class FrozenViT(nn.Module):
         return height // p, width // p
 
     @torch.no_grad()
-    def forward(self, images: Tensor, *, attention: bool = True) -> BackboneOutput:
+    def forward(self, images: Tensor, *, attention: bool = True, normalized: bool = False) -> BackboneOutput:
         """Features and attention logits of images.
 
         Args:
             images: (B, 3, H, W) RGB in [0, 1], H and W multiples of ``patch_size`` (normalised inside).
             attention: also return the last block's attention logits (costs B * heads * P^2 floats).
+            normalized: the images are already normalised with ``mean``/``std`` (no range check; used
+                to reproduce the official augmentation, D12).
 
         Returns:
             ``BackboneOutput(feats (B, C, h, w), attn_logits (B, heads, P, P) or None)``.
@@ -127,12 +129,13 @@ class FrozenViT(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
         h, w = self.grid(images.shape[2], images.shape[3])
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"images must be un-normalised RGB in [0, 1], got values in [{lo:.2f}, {hi:.2f}]; "
-                             "hpkit applies the backbone's mean/std itself")
+        if not normalized:
+            lo, hi = float(images.min()), float(images.max())
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ValueError(f"images must be un-normalised RGB in [0, 1], got values in [{lo:.2f}, {hi:.2f}]; "
+                                 "hpkit applies the backbone's mean/std itself")
         vit = self.vit
-        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        x = images if normalized else (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         x = vit.patch_embed(x)
         x = vit._pos_embed(x)
         x = vit.norm_pre(x)

@@ -77,7 +77,11 @@ class TrainConfig:
     epochs: int = 3
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    val_every: int = 100  # iterations between checkpoints (and validations, with the evaluation loop); 0: end only
+    val_every: int = 100  # iterations between validations + checkpoints (official: 100, Potsdam 50); 0: end only
+    val_images: int | None = None  # validate on the first images of the val split (None: all)
+    cache_features: bool = False  # cache clean-view backbone features + LHP weights on disk (H4)
+    cache_dir: str | None = None  # where (None: OUT/feature_cache)
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16 (CUDA, with a grad scaler)
 
 
 @dataclass
@@ -119,7 +123,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.num_val": 64, "data.batch_size": 8, "data.num_workers": 0,
         "model.backbone": "auto", "model.dim": 64, "model.ema_momentum": 0.99,
         "loss.tau": 0.6, "loss.pool_size": 256, "loss.renew_interval": 20, "loss.warmup": 20,
-        "train.epochs": 2, "train.device": "cpu", "train.val_every": 0,
+        "train.epochs": 2, "train.device": "cpu", "train.val_every": 32, "train.cache_features": True,
     },
 }
 

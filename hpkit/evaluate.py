@@ -20,52 +20,50 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from .backbone import FrozenViT
+from .checkpoint import load_run
 from .crf import crf_batch
-from .heads import to_rows
+from .data.build import build_dataset
+from .heads import SegmentationHead, to_rows
 from .metrics import confusion_matrix, segmentation_metrics
-from .probes import ClusterProbe
-from .train import build_dataset, load_run
+from .probes import ClusterProbe, LinearProbe
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "score"]
 
 
 def _summary(confusion: torch.Tensor, match: bool, names) -> dict:
     m = segmentation_metrics(confusion, match=match, class_names=names)
     return {"pixel_accuracy": m["pixel_accuracy"], "mean_iou": m["mean_iou"], "iou": m["iou"],
-            "mapping": m["mapping"]}
+            "mapping": m["mapping"], "confusion": m["confusion"].tolist()}
 
 
 @torch.no_grad()
-def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None = None,
-             batch_size: int = 8, device: str = "cpu") -> dict:
-    """Metrics of a training run on its validation split.
+def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, linear: LinearProbe, data: Dataset, *,
+          crf: bool = False, kmeans: bool = True, max_images: int | None = None, batch_size: int = 8,
+          device: str | torch.device = "cpu", seed: int = 0) -> dict:
+    """Metrics of a head and its probes on a labelled dataset (no files read or written).
 
-    Args:
-        run_dir: folder written by :func:`hpkit.train.train`.
-        crf: also report CRF-refined predictions.
-        max_images: evaluate only the first images (quick looks).
+    Segmentation features are bilinearly upsampled to the label size; one confusion matrix per
+    method is accumulated over all valid pixels, then Hungarian-matched (cluster probe, k-means).
 
     Returns:
-        dict with one entry per method (``pixel_accuracy``, ``mean_iou``, ``iou``, ``mapping``), the
-        number of images and the configuration name.
+        ``{"cluster": {...}, "linear": {...}, ["kmeans_backbone", "cluster_crf", "linear_crf"], "images",
+        "classes"}``; each method has ``pixel_accuracy``, ``mean_iou``, ``iou`` (per class),
+        ``mapping`` (cluster -> class) and ``confusion`` (matched, rows = prediction).
     """
-    run_dir = Path(run_dir)
-    run = load_run(run_dir, device)
-    cfg, backbone, head, cluster, linear = run.cfg, run.backbone, run.head, run.cluster, run.linear
-    data = build_dataset(cfg, "val")
     names = list(getattr(data, "class_names", ()))
     if not names:
         raise ValueError("the validation data has no class names, so there is nothing to score against")
     n_classes = len(names)
-
+    was_training = head.training
+    head.eval()
     count = len(data) if max_images is None else min(max_images, len(data))
-    subset = torch.utils.data.Subset(data, range(count))
-    keys = ["cluster", "linear", "kmeans_backbone"] + (["cluster_crf", "linear_crf"] if crf else [])
+    keys = ["cluster", "linear"] + (["cluster_crf", "linear_crf"] if crf else [])
     confusion = {k: torch.zeros(n_classes, n_classes, dtype=torch.long) for k in keys}
     feats_rows, labels_rows = [], []
-    for images, labels in DataLoader(subset, batch_size=batch_size):
+    for images, labels in DataLoader(torch.utils.data.Subset(data, range(count)), batch_size=batch_size):
         images, labels = images.to(device), labels.to(device)
         feats = backbone(images, attention=False).feats
         s = F.interpolate(head(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -77,16 +75,39 @@ def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None =
                                                          labels.cpu(), n_classes, n_classes)
             confusion["linear_crf"] += confusion_matrix(crf_batch(images.cpu(), linear_logits.cpu()),
                                                         labels.cpu(), n_classes, n_classes)
-        feats_rows.append(feats.cpu())
-        labels_rows.append(labels.cpu())
-    # k-means baseline on the frozen backbone's patch features, scored like the cluster probe
-    all_feats = torch.cat(feats_rows)
-    baseline = ClusterProbe.from_kmeans(to_rows(all_feats), n_classes, seed=cfg.train.seed)
-    all_labels = torch.cat(labels_rows)
-    scores = F.interpolate(baseline(all_feats), size=all_labels.shape[-2:], mode="bilinear", align_corners=False)
-    confusion["kmeans_backbone"] += confusion_matrix(scores.argmax(1), all_labels, n_classes, n_classes)
-
+        if kmeans:
+            feats_rows.append(feats.cpu())
+            labels_rows.append(labels.cpu())
+    head.train(was_training)
+    if kmeans:  # the baseline: k-means on the frozen backbone's patch features, scored like the cluster probe
+        all_feats, all_labels = torch.cat(feats_rows), torch.cat(labels_rows)
+        baseline = ClusterProbe.from_kmeans(to_rows(all_feats), n_classes, seed=seed)
+        scores = F.interpolate(baseline(all_feats), size=all_labels.shape[-2:], mode="bilinear", align_corners=False)
+        confusion["kmeans_backbone"] = confusion_matrix(scores.argmax(1), all_labels, n_classes, n_classes)
     result = {k: _summary(v, match=not k.startswith("linear"), names=names) for k, v in confusion.items()}
-    result.update({"images": count, "config": cfg.name, "classes": names})
+    result.update({"images": count, "classes": names})
+    if getattr(data, "colors", None) is not None:
+        result["colors"] = [[int(v) for v in c] for c in data.colors]
+    return result
+
+
+def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None = None,
+             batch_size: int = 8, device: str = "cpu") -> dict:
+    """Metrics of a training run on its validation split, also written to ``run_dir/eval.json``.
+
+    Args:
+        run_dir: folder written by :func:`hpkit.train.train`.
+        crf: also report CRF-refined predictions.
+        max_images: evaluate only the first images (quick looks).
+
+    Returns:
+        the :func:`score` dict plus ``config`` (the resolved configuration, as a dict) and ``step``.
+    """
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, device)
+    data = build_dataset(run.cfg, "val")
+    result = score(run.backbone, run.head, run.cluster, run.linear, data, crf=crf, max_images=max_images,
+                   batch_size=batch_size, device=device, seed=run.cfg.train.seed)
+    result.update({"config": run.state["config"], "step": run.state["step"]})
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result

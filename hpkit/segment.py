@@ -21,7 +21,7 @@ from PIL import Image
 from .crf import dense_crf
 from .data.folder import load_rgb
 from .data.synthetic import CLASS_NAMES
-from .train import load_run
+from .checkpoint import load_run
 
 __all__ = ["segment", "Segmentation"]
 

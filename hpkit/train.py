@@ -1,124 +1,199 @@
-"""One readable HP training loop (single process): ``train(cfg, out_dir)``.
+"""One readable HP training loop: ``train(cfg, out_dir)``, on one device or several (torchrun + DDP).
 
 Per iteration (section 1.0 of the reference notes, paper or official style from ``cfg.loss.style``):
 
-1. frozen backbone on the clean batch -> f, attention logits; on a photometrically augmented copy
-   (jitter, grayscale, blur on images in [0, 1], before normalisation; not the official clamp bug) -> f_aug;
-2. s = S(f), z = Z(s), z_aug = Z(S(f_aug)), s' = S'(f), z_mix = Z(local_mix(s, attention));
+1. frozen backbone on the clean batch -> f and the LHP neighbour weights from its last-block attention
+   (read from the on-disk feature cache after the first epoch with ``train.cache_features``, H4); on a
+   photometrically augmented copy -> f_aug. The augmentation (colour jitter, grayscale, blur) works on
+   images in [0, 1] before normalisation; ``loss.style=official`` reproduces the official code, which
+   jitters the *normalised* image and so clamps it to [0, 1] (D12);
+2. s = S(f), z = Z(s), z_aug = Z(S(f_aug)), s' = S'(f), z_mix = Z(mix of s by the LHP weights);
 3. loss = hp_objective(...) + alpha * consistency_regularizer(z, z_aug) (or Eq. 1 for Table 4 (g));
 4. AdamW on S, Adam on Z, gradient clipping on S, EMA update of S', Q^sp refresh every
-   ``renew_interval`` iterations (from the cached bank, no backbone pass);
+   ``renew_interval`` iterations (from the cached patch bank, no backbone pass);
 5. the cluster and linear probes train on ``s.detach()``: they measure, they never shape the head.
 
-Every random draw (batch order, augmentation, negatives) comes from generators seeded by
-``(seed, epoch)`` or ``(seed, step)``, so a run resumed from a checkpoint continues exactly like an
-uninterrupted one. Checkpoints are written atomically (temporary file, then rename); a non-finite
-loss stops training with a message naming the step and leaves the last good checkpoint in place.
+Every ``train.val_every`` iterations the probes are scored on the validation split (no CRF) and a
+checkpoint is written; the history (loss, lambda per step; metrics per validation) goes to
+``history.json`` for plotting (:mod:`hpkit.plots`). Unlike the official code, no checkpoint is
+*selected* by validation score: the validation split is the evaluation split, so the last checkpoint
+is the result.
+
+Every random draw (batch order, augmentation, negatives, dropout) comes from seeded generators or a
+saved RNG state, so a run resumed from a checkpoint continues exactly like an uninterrupted one.
+Checkpoints are written atomically; a non-finite loss stops training with a message naming the step
+and leaves the last good checkpoint in place; Ctrl-C saves the last completed step first.
+
+Multi-GPU: launch with ``torchrun --nproc_per_node N -m hpkit train ...``. ``data.batch_size`` stays
+the *global* batch; each rank takes an equal share of every batch, selects hidden positives within
+its own share (per-rank selection: candidates are the rank's images plus the shared pools) and DDP
+averages the gradients. The pools are identical on all ranks (same seed, same EMA head).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .backbone import load_backbone
-from .config import Config, from_dict, to_dict
-from .data import ImageFolder, SyntheticScenes
+from .backbone import FrozenViT, load_backbone
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .config import Config, to_dict
+from .data.build import build_dataset
+from .evaluate import score
+from .feature_cache import FeatureCache
 from .heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
 from .local_positives import local_weights, mix_neighbours
 from .objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
 from .pools import ReferencePools, collect_patch_bank
 from .probes import ClusterProbe, LinearProbe
 
-__all__ = ["train", "build_dataset", "photometric", "save_checkpoint", "load_run", "TrainedRun", "TrainingDiverged"]
-
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["train", "photometric", "HPHeads", "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def build_dataset(cfg: Config, split: str = "train") -> Dataset:
-    """The dataset named by ``cfg.data.dataset`` (``synthetic`` or ``folder``)."""
-    d = cfg.data
-    if d.dataset == "synthetic":
-        count = d.num_train if split == "train" else d.num_val
-        return SyntheticScenes(split, num_images=count or (1000 if split == "train" else 200),
-                               image_size=d.image_size if split == "train" else d.val_size, seed=cfg.train.seed)
-    if d.dataset == "folder":
-        if d.root is None:
-            raise ValueError("data.dataset=folder needs data.root=/path/to/images")
-        return ImageFolder(d.root, image_size=d.image_size if split == "train" else d.val_size)
-    raise ValueError(f"data.dataset={d.dataset!r} has no loader yet; use 'synthetic' or 'folder'")
+def photometric(images: Tensor, generator: torch.Generator, *, official: bool = False,
+                mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """The regulariser's view: per-image colour jitter, random grayscale (p 0.2) and blur (p 0.5).
 
+    Args:
+        images: (B, 3, H, W) in [0, 1].
+        official: jitter the normalised image as the official code does (torchvision clamps it to
+            [0, 1], D12); needs ``mean``/``std`` (3,). The result is then a *normalised* input.
 
-def photometric(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The regulariser's view: per-image colour jitter, random grayscale and blur on [0, 1] images."""
+    Returns:
+        (B, 3, H, W): in [0, 1], or normalised-and-clamped with ``official=True``.
+    """
+    if official:
+        images = (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     jitter = v2.ColorJitter(0.3, 0.3, 0.3, 0.1)
     blur = v2.GaussianBlur(5, (0.1, 2.0))
     out = []
     state = torch.get_rng_state()
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))  # v2 draws from torch RNG
     try:
-        for img in images:
+        for img in images.cpu():
             img = jitter(img)
             if torch.rand(()) < 0.2:
                 img = v2.functional.rgb_to_grayscale(img, num_output_channels=3)
             if torch.rand(()) < 0.5:
                 img = blur(img)
-            out.append(img.clamp(0, 1))
+            out.append(img if official else img.clamp(0, 1))
     finally:
         torch.set_rng_state(state)
-    return torch.stack(out)
+    return torch.stack(out).to(images.device)
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write atomically: a crash mid-write never replaces the previous checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+class HPHeads(nn.Module):
+    """Everything that trains: S, Z and the two probes, with one forward per step (what DDP wraps).
 
+    ``forward(f, f_aug, mix_weights, labels)`` returns ``s`` (B, D, h, w), ``z`` (B*P, D'),
+    ``z_aug`` (or None), ``z_mix`` (or None) and ``probe_loss`` (the probes see ``s.detach()`` only).
+    """
 
-@dataclass
-class TrainedRun:
-    """What :func:`load_run` restores from a run folder (modules in eval mode, on ``device``)."""
+    def __init__(self, in_dim: int, dim: int, n_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.head = SegmentationHead(in_dim, dim, dropout)
+        self.proj = ProjectionHead(dim)
+        self.cluster = ClusterProbe(dim, n_classes)
+        self.linear = LinearProbe(dim, n_classes)
 
-    cfg: Config
-    backbone: torch.nn.Module
-    head: SegmentationHead
-    cluster: ClusterProbe
-    linear: LinearProbe
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Rebuild the backbone, head and probes of a run written by :func:`train`."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first (`hpkit train` or hpkit.train.train)")
-    state = torch.load(path, map_location=device, weights_only=False)
-    cfg = from_dict(state["config"])
-    backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
-    head = SegmentationHead(backbone.embed_dim, cfg.model.dim, cfg.model.dropout).to(device).eval()
-    head.load_state_dict(state["head"])
-    cluster = ClusterProbe(cfg.model.dim, state["cluster"]["centroids"].shape[0]).to(device)
-    cluster.load_state_dict(state["cluster"])
-    linear = LinearProbe(cfg.model.dim, state["linear"]["conv.weight"].shape[0]).to(device)
-    linear.load_state_dict(state["linear"])
-    return TrainedRun(cfg, backbone, head, cluster, linear)
+    def forward(self, f: Tensor, f_aug: Tensor | None, mix_weights: Tensor | None, labels: Tensor) -> dict:
+        b = f.shape[0]
+        s_all = self.head(f if f_aug is None else torch.cat([f, f_aug]))
+        s = s_all[:b]
+        views = [to_rows(s_all)] + ([to_rows(mix_neighbours(s, mix_weights))] if mix_weights is not None else [])
+        z_all = self.proj(torch.cat(views))
+        n = s.shape[0] * s.shape[2] * s.shape[3]
+        probe_loss = self.cluster.loss(s)
+        if bool(((labels >= 0) & (labels < self.linear.n_classes)).any()):  # unlabelled folders: no linear probe
+            probe_loss = probe_loss + self.linear.loss(s, labels)
+        else:
+            probe_loss = probe_loss + 0.0 * self.linear.conv.weight.sum()  # keeps DDP's gradient buckets complete
+        return {"s": s, "z": z_all[:n], "z_aug": z_all[n:2 * n] if f_aug is not None else None,
+                "z_mix": z_all[-n:] if mix_weights is not None else None, "probe_loss": probe_loss}
 
 
 def _generator(*seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash(seed) % (2**62))
+
+
+class _Indexed(Dataset):
+    """``(index, image, label)``: the feature cache needs to know which image it is serving."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        image, label = self.data[i]
+        return i, image, label
+
+
+def _epoch_indices(n: int, batch: int, epoch: int, seed: int, rank: int, world: int) -> Tensor:
+    """(steps, batch // world): this rank's share of every (drop-last) batch of the epoch."""
+    steps = n // batch
+    order = torch.randperm(n, generator=_generator(seed, epoch))[: steps * batch].view(steps, batch)
+    share = batch // world
+    return order[:, rank * share:(rank + 1) * share]
+
+
+def _device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+        return torch.device("cuda", local_rank) if want == "cuda" else torch.device(want)
+    return torch.device(want)
+
+
+def _autocast(cfg: Config, device: torch.device) -> tuple[contextlib.AbstractContextManager, bool]:
+    """The autocast context for backbone and heads, and whether fp16 needs a gradient scaler."""
+    amp = cfg.train.amp
+    if amp not in ("auto", "off", "bf16", "fp16"):
+        raise ValueError(f"train.amp must be auto, off, bf16 or fp16, got {amp!r}")
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return contextlib.nullcontext(), False
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs CUDA; use train.amp=bf16 or off on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), amp == "fp16"
+
+
+def _check_sizes(cfg: Config, backbone: FrozenViT, n_train: int, world: int) -> None:
+    d, p = cfg.data, backbone.patch_size
+    for key, size in (("data.image_size", d.image_size), ("data.val_size", d.val_size)):
+        if size % p:
+            raise ValueError(f"{key}={size} is not a multiple of the patch size {p}: use e.g. "
+                             f"{key}={max(p, size // p * p)} (images are resized and centre-cropped to it)")
+    if cfg.loss.pool_size > n_train:
+        raise ValueError(f"loss.pool_size={cfg.loss.pool_size} is larger than the {n_train} training images: "
+                         "lower loss.pool_size or add images")
+    if d.batch_size % world:
+        raise ValueError(f"data.batch_size={d.batch_size} (the global batch) must be divisible by the "
+                         f"{world} processes")
+    if n_train < d.batch_size:
+        raise ValueError(f"{n_train} training images are fewer than one batch of {d.batch_size}")
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None,
@@ -129,127 +204,209 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, max_steps: 
         cfg: the configuration (see :mod:`hpkit.config`).
         out_dir: output folder.
         resume: continue from ``out_dir/checkpoint.pt``.
-        max_steps: stop after this many iterations in total (for quick runs and tests).
+        max_steps: stop after this many iterations in total (quick runs, tests); the lambda
+            schedule still spans the configured epochs.
         progress: show a tqdm progress bar.
 
     Returns:
-        dict with ``history`` (one entry per iteration: step, loss, lambda) and ``steps``.
+        dict with ``history`` (one entry per iteration: step, loss, lambda, probe_loss),
+        ``validation`` (one entry per validation: step, cluster/linear accuracy and mIoU) and ``steps``.
     """
-    out = Path(out_dir)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, Path(out_dir), resume, max_steps, progress and rank == 0, device, rank, world)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress: bool, device: torch.device,
+           rank: int, world: int) -> dict:
+    main = rank == 0
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.train.device == "auto" else cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     data = build_dataset(cfg, "train")
-    loss_cfg = cfg.loss
-    if loss_cfg.pool_size > len(data):
-        raise ValueError(f"loss.pool_size={loss_cfg.pool_size} is larger than the {len(data)} training images: "
-                         "lower loss.pool_size or add images")
     backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
-    c = backbone.embed_dim
-    head = SegmentationHead(c, cfg.model.dim, cfg.model.dropout).to(device)
-    proj = ProjectionHead(cfg.model.dim).to(device)
-    ema = MomentumHead(head, cfg.model.ema_momentum)
+    _check_sizes(cfg, backbone, len(data), world)
+    loss_cfg, o = cfg.loss, cfg.optim
     n_classes = len(getattr(data, "class_names", ())) or 1
-    cluster, linear = ClusterProbe(cfg.model.dim, n_classes).to(device), LinearProbe(cfg.model.dim, n_classes).to(device)
-    o = cfg.optim
+    model = HPHeads(backbone.embed_dim, cfg.model.dim, n_classes, cfg.model.dropout).to(device)
+    ema = MomentumHead(model.head, cfg.model.ema_momentum).eval()
     optimizers = {
-        "head": torch.optim.AdamW(head.parameters(), lr=o.lr, weight_decay=o.weight_decay),
-        "proj": torch.optim.Adam(proj.parameters(), lr=o.projection_lr),
-        "cluster": torch.optim.Adam(cluster.parameters(), lr=o.cluster_lr),
-        "linear": torch.optim.Adam(linear.parameters(), lr=o.linear_lr),
+        "head": torch.optim.AdamW(model.head.parameters(), lr=o.lr, weight_decay=o.weight_decay),
+        "proj": torch.optim.Adam(model.proj.parameters(), lr=o.projection_lr),
+        "cluster": torch.optim.Adam(model.cluster.parameters(), lr=o.cluster_lr),
+        "linear": torch.optim.Adam(model.linear.parameters(), lr=o.linear_lr),
     }
+    autocast, fp16 = _autocast(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2048, growth_interval=1000, enabled=fp16)
     steps_per_epoch = len(data) // cfg.data.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data)} training images are fewer than one batch of {cfg.data.batch_size}")
     planned = steps_per_epoch * cfg.train.epochs  # the lambda schedule always spans the whole run
     total = planned if max_steps is None else min(planned, max_steps)
+    share = cfg.data.batch_size // world
 
     ckpt_path = out / CHECKPOINT
-    step, history = 0, []
+    step, history, validation = 0, [], []
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for name, module in (("head", head), ("proj", proj), ("ema", ema), ("cluster", cluster), ("linear", linear)):
-            module.load_state_dict(state[name])
+        state = load_checkpoint(out, device)
+        for name in ("head", "proj", "cluster", "linear"):
+            getattr(model, name).load_state_dict(state[name])
+        ema.load_state_dict(state["ema"])
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optim"][name])
+        scaler.load_state_dict(state.get("scaler", scaler.state_dict()))
+        torch.set_rng_state(state["rng"])
         pools = ReferencePools.from_state_dict(state["pools"])
-        step, history = state["step"], state["history"]
+        step, history, validation = state["step"], state["history"], state.get("validation", [])
     else:
-        loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=True,
-                            generator=_generator(cfg.train.seed, -1))
+        loader = DataLoader(data, batch_size=min(share, 64), shuffle=True, generator=_generator(cfg.train.seed, -1))
         bank = collect_patch_bank(backbone, loader, loss_cfg.pool_size, generator=_generator(cfg.train.seed, -2),
                                   device=device)
         pools = ReferencePools(bank, loss_cfg.pool_size, generator=_generator(cfg.train.seed, -3))
         pools.refresh_specific(ema, generator=_generator(cfg.train.seed, -4))
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if main:
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    net: nn.Module = DistributedDataParallel(model) if world > 1 else model
+    need_aug = loss_cfg.plain_contrastive or (loss_cfg.regularizer and loss_cfg.alpha > 0)
+    need_weights = loss_cfg.lhp and not loss_cfg.plain_contrastive
+    h, w = backbone.grid(cfg.data.image_size, cfg.data.image_size)
+    cache = None
+    if cfg.train.cache_features:
+        folder = Path(cfg.train.cache_dir) if cfg.train.cache_dir else out / "feature_cache"
+        key = {"backbone": cfg.model.backbone, "weights": cfg.model.weights, "data": to_dict(cfg)["data"],
+               "seed": cfg.train.seed, "lhp": [loss_cfg.style, loss_cfg.sigma] if need_weights else None}
+        if main:
+            cache = FeatureCache(folder, len(data), (backbone.embed_dim, h, w), with_weights=need_weights, key=key)
+        if world > 1:
+            dist.barrier()
+        if not main:
+            cache = FeatureCache(folder, len(data), (backbone.embed_dim, h, w), with_weights=need_weights,
+                                 key=key, create=False)
+    val_data = build_dataset(cfg, "val") if cfg.train.val_every and main else None
+    mean, std = backbone.mean.flatten(), backbone.std.flatten()
+
+    def clean_view(images: Tensor) -> dict[str, Tensor]:
+        with autocast:
+            feats, attn = backbone(images, attention=need_weights)
+        out_ = {"feats": feats.float()}
+        if need_weights:
+            out_["weights"] = local_weights(attn, (h, w), sigma=loss_cfg.sigma, style=loss_cfg.style)
+        return out_
 
     def checkpoint() -> None:
-        save_checkpoint({"head": head.state_dict(), "proj": proj.state_dict(), "ema": ema.state_dict(),
-                         "cluster": cluster.state_dict(), "linear": linear.state_dict(),
-                         "optim": {k: v.state_dict() for k, v in optimizers.items()},
-                         "pools": pools.state_dict(), "step": step, "history": history,
-                         "config": to_dict(cfg)}, ckpt_path)
+        if main:
+            save_checkpoint({**{name: getattr(model, name).state_dict() for name in ("head", "proj", "cluster",
+                                                                                      "linear")},
+                             "ema": ema.state_dict(), "optim": {k: v.state_dict() for k, v in optimizers.items()},
+                             "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                             "pools": pools.state_dict(), "step": step, "history": history,
+                             "validation": validation, "config": to_dict(cfg)}, ckpt_path)
+            (out / "history.json").write_text(json.dumps({"steps": history, "validation": validation}))
+
+    def validate() -> None:
+        if main:
+            m = score(backbone, model.head, model.cluster, model.linear, val_data, kmeans=False,
+                      max_images=cfg.train.val_images, device=device, seed=cfg.train.seed)
+            validation.append({"step": step, **{f"{k}_{metric}": m[k][key] for k in ("cluster", "linear")
+                                                 for metric, key in (("accuracy", "pixel_accuracy"),
+                                                                     ("miou", "mean_iou"))}})
+        checkpoint()
 
     bar = tqdm(total=total, initial=step, disable=not progress, desc="HP training")
     mm_dtype = getattr(torch, loss_cfg.matmul_dtype) if loss_cfg.matmul_dtype else None
-    while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                            generator=_generator(cfg.train.seed, epoch), num_workers=cfg.data.num_workers)
-        for i, (images, labels) in enumerate(loader):
-            if i < skip:
-                continue
-            if step >= total:
-                break
-            gen = _generator(cfg.train.seed, 1_000_000 + step)
-            images, labels = images.to(device), labels.to(device)
-            feats, attn = backbone(images, attention=loss_cfg.lhp)
-            b, _, h, w = feats.shape
-            s = head(feats)
-            z = proj(to_rows(s))
-            z_aug = proj(to_rows(head(backbone(photometric(images, gen), attention=False).feats)))
-            lam = lambda_schedule(step, planned, loss_cfg.warmup)
-            if loss_cfg.plain_contrastive:
-                loss = self_contrastive_loss(z, z_aug, tau=loss_cfg.tau)
-            else:
-                z_mix = nb = None
-                if loss_cfg.lhp:
-                    weights = local_weights(attn, (h, w), sigma=loss_cfg.sigma, style=loss_cfg.style)
-                    if loss_cfg.propagation == "loss":
-                        nb = weights
-                    else:
-                        z_mix = proj(to_rows(mix_neighbours(s, weights)))
-                loss = hp_objective(z, F.normalize(to_rows(feats), dim=1), F.normalize(to_rows(ema(feats)), dim=1),
-                                    pools.agnostic.to(device), pools.specific.to(device), patches_per_image=h * w,
-                                    lam=lam, tau=loss_cfg.tau, rho=loss_cfg.rho, z_mix=z_mix, style=loss_cfg.style,
-                                    symmetric=loss_cfg.symmetric, task_specific=loss_cfg.task_specific,
-                                    neighbour_weights=nb, generator=gen, matmul_dtype=mm_dtype)
-                if loss_cfg.regularizer and loss_cfg.alpha:
-                    loss = loss + loss_cfg.alpha * consistency_regularizer(z, z_aug)
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; the last good checkpoint "
-                                       f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a lower "
-                                       "optim.lr or loss.tau closer to the preset")
-            probe_loss = cluster.loss(s) + linear.loss(s, labels)
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            (loss + probe_loss).backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), o.grad_clip)
-            for opt in optimizers.values():
-                opt.step()
-            ema.update(head)
-            step += 1
-            if step % loss_cfg.renew_interval == 0:
-                pools.refresh_specific(ema, generator=_generator(cfg.train.seed, 2_000_000 + step))
-            history.append({"step": step, "loss": loss.item(), "lambda": lam, "probe_loss": probe_loss.item()})
-            if cfg.train.val_every and step % cfg.train.val_every == 0:
-                checkpoint()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lam=f"{lam:.2f}")
+    updating = False  # True while parameters are half-updated: an interrupt then keeps the old checkpoint
+    try:
+        while step < total:
+            epoch, skip = divmod(step, steps_per_epoch)
+            indices = _epoch_indices(len(data), cfg.data.batch_size, epoch, cfg.train.seed, rank, world)
+            loader = DataLoader(_Indexed(data), batch_size=share, sampler=indices[skip:].flatten().tolist(),
+                                num_workers=cfg.data.num_workers, generator=_generator(cfg.train.seed, epoch, 7))
+            for idx, images, labels in loader:
+                if step >= total:
+                    break
+                gen = _generator(cfg.train.seed, 1_000_000 + step, rank)
+                images, labels = images.to(device), labels.to(device)
+                if cache is not None:
+                    clean = cache.lookup(idx, lambda missing: clean_view(images[missing.to(device)]), device)
+                else:
+                    clean = clean_view(images)
+                feats, weights = clean["feats"], clean.get("weights")
+                with autocast:
+                    f_aug = None
+                    if need_aug:
+                        official = loss_cfg.style == "official"
+                        aug = photometric(images, gen, official=official, mean=mean, std=std)
+                        f_aug = backbone(aug, attention=False, normalized=official).feats
+                    outs = net(feats, f_aug, weights if loss_cfg.propagation == "gradient" else None, labels)
+                    s_ema = ema(feats)
+                z, z_aug, probe_loss = outs["z"].float(), outs["z_aug"], outs["probe_loss"].float()
+                lam = lambda_schedule(step, planned, loss_cfg.warmup)
+                if loss_cfg.plain_contrastive:
+                    loss = self_contrastive_loss(z, z_aug.float(), tau=loss_cfg.tau)
+                else:
+                    z_mix = outs["z_mix"].float() if outs["z_mix"] is not None else None
+                    nb = weights if loss_cfg.lhp and loss_cfg.propagation == "loss" else None
+                    loss = hp_objective(z, F.normalize(to_rows(feats), dim=1), F.normalize(to_rows(s_ema.float()), dim=1),
+                                        pools.agnostic.to(device), pools.specific.to(device),
+                                        patches_per_image=h * w, lam=lam, tau=loss_cfg.tau, rho=loss_cfg.rho,
+                                        z_mix=z_mix, style=loss_cfg.style, symmetric=loss_cfg.symmetric,
+                                        task_specific=loss_cfg.task_specific, neighbour_weights=nb, generator=gen,
+                                        matmul_dtype=mm_dtype)
+                    if need_aug:
+                        loss = loss + loss_cfg.alpha * consistency_regularizer(z, z_aug.float())
+                value = loss.detach()
+                if world > 1:
+                    dist.all_reduce(value)
+                    value /= world
+                if not math.isfinite(value.item()):
+                    raise TrainingDiverged(
+                        f"loss is {value.item()} at step {step}; the last good checkpoint "
+                        f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a lower optim.lr "
+                        "or loss.tau closer to the preset")
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                scaler.scale(loss + probe_loss).backward()
+                updating = True
+                scaler.unscale_(optimizers["head"])
+                torch.nn.utils.clip_grad_norm_(model.head.parameters(), o.grad_clip)
+                for opt in optimizers.values():
+                    scaler.step(opt)
+                scaler.update()
+                ema.update(model.head)
+                step += 1
+                if step % loss_cfg.renew_interval == 0:
+                    pools.refresh_specific(ema, generator=_generator(cfg.train.seed, 2_000_000 + step))
+                history.append({"step": step, "loss": value.item(), "lambda": lam, "probe_loss": probe_loss.item()})
+                updating = False
+                if cfg.train.val_every and step % cfg.train.val_every == 0:
+                    validate()
+                bar.update(1)
+                bar.set_postfix(loss=f"{value.item():.3f}", lam=f"{lam:.2f}")
+    except KeyboardInterrupt:
+        if not updating:
+            checkpoint()
+        bar.close()
+        if main:
+            print(f"interrupted at step {step}; the checkpoint in {out} is kept: continue with resume=True "
+                  "(`hpkit train ... --resume`)")
+        raise
     bar.close()
-    checkpoint()
-    (out / "history.json").write_text(json.dumps(history))
-    return {"history": history, "steps": step}
+    if cfg.train.val_every and (not validation or validation[-1]["step"] != step):
+        validate()
+    else:
+        checkpoint()
+    if world > 1:  # DDP keeps the replicas equal; check it once, cheaply, before anyone uses the result
+        total_sum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        sums = [torch.zeros_like(total_sum) for _ in range(world)]
+        dist.all_gather(sums, total_sum)
+        if any(not torch.equal(sums[0], x) for x in sums):
+            raise RuntimeError(f"the {world} DDP replicas ended with different parameters: {sums}")
+    return {"history": history, "validation": validation, "steps": step}

@@ -20,10 +20,15 @@ def test_train_then_eval_json(tmp_path):
     result = hpkit("train", "--preset", "demo", *sets, "--out", str(tmp_path), "--max-steps", "3")
     assert result.returncode == 0, result.stderr
     assert "trained 3 steps" in result.stdout and (tmp_path / "checkpoint.pt").is_file()
-    result = hpkit("eval", str(tmp_path), "--json")
+    result = hpkit("eval", str(tmp_path), "--json", "--plots")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["images"] == 4 and 0 <= metrics["cluster"]["pixel_accuracy"] <= 1
+    assert metrics["config"]["data"]["num_train"] == 24 and metrics["step"] == 3  # the resolved config travels
+    for name in ("history.png", "confusion_cluster.png", "confusion_linear.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    result = hpkit("eval", str(tmp_path))
+    assert "cluster -> class: 0->" in result.stdout
 
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):

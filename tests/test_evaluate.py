@@ -10,7 +10,8 @@ from hpkit import SegmentationHead, load_backbone
 from hpkit.config import get_config
 from hpkit.evaluate import evaluate
 from hpkit.probes import LinearProbe
-from hpkit.train import build_dataset, train
+from hpkit.data.build import build_dataset
+from hpkit.train import train
 
 TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
         "data.num_val=6", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]

@@ -1,12 +1,18 @@
 """The training loop on tiny synthetic data: it learns, writes atomically, resumes exactly, stops on NaN."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import hpkit.train
 from hpkit.config import get_config
-from hpkit.train import TrainingDiverged, train
+from hpkit.evaluate import evaluate
+from hpkit.feature_cache import FeatureCache
+from hpkit.train import TrainingDiverged, photometric, train
 
 TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
         "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "loss.renew_interval=2", "loss.warmup=1",
@@ -45,3 +51,94 @@ def test_bad_settings_and_divergence(tmp_path):
         train(get_config("demo", TINY), tmp_path / "new", resume=True, progress=False)
     with pytest.raises(TrainingDiverged, match="at step 0"):
         train(get_config("demo", TINY + ["loss.tau=1e-30"]), tmp_path / "nan", progress=False)
+
+
+def test_feature_cache_fills_once_and_resumes_exactly(tmp_path):
+    cfg = get_config("demo", TINY + ["train.cache_features=true"])
+    full = train(cfg, tmp_path / "full", max_steps=8, progress=False)
+    cache = FeatureCache(tmp_path / "full" / "feature_cache", 24, (192, 4, 4), with_weights=True,
+                         key=json.loads((tmp_path / "full" / "feature_cache" / "key.json").read_text()) | {})
+    assert len(cache) == 24  # one epoch (6 steps x 4 images) filled every entry
+    train(cfg, tmp_path / "split", max_steps=5, progress=False)
+    resumed = train(cfg, tmp_path / "split", max_steps=8, progress=False, resume=True)
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
+    plain = train(get_config("demo", TINY), tmp_path / "plain", max_steps=1, progress=False)
+    assert full["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-3)  # fp16 cache ~ fp32
+
+
+def test_feature_cache_computes_only_missing_rows(tmp_path):
+    calls = []
+
+    def compute(missing):
+        calls.append(missing.tolist())
+        return {"feats": torch.arange(len(missing) * 8.0).view(-1, 2, 2, 2) + 1 / 3}
+
+    key = {"what": "test"}
+    cache = FeatureCache(tmp_path, 5, (2, 2, 2), with_weights=False, key=key)
+    first = cache.lookup(torch.tensor([3, 1]), compute)["feats"]
+    second = cache.lookup(torch.tensor([1, 4, 3]), compute)["feats"]
+    assert calls == [[0, 1], [1]]  # positions (within each request) of the entries not cached yet
+    torch.testing.assert_close(second[0], first[1]) and torch.testing.assert_close(second[2], first[0])
+    assert first[0, 0, 0, 0].item() == float(torch.tensor(1 / 3).half())  # values come back float16-rounded
+    assert len(FeatureCache(tmp_path, 5, (2, 2, 2), with_weights=False, key=key)) == 3  # reopened, kept
+    assert len(FeatureCache(tmp_path, 5, (2, 2, 2), with_weights=False, key={"what": "else"})) == 0  # rebuilt
+
+
+def test_validation_history_matches_evaluation(tmp_path):
+    cfg = get_config("demo", TINY + ["data.num_val=4", "train.val_every=3"])
+    result = train(cfg, tmp_path, max_steps=7, progress=False)
+    assert [v["step"] for v in result["validation"]] == [3, 6, 7]
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert len(saved["steps"]) == 7 and saved["validation"] == result["validation"]
+    final = evaluate(tmp_path, batch_size=4)
+    assert result["validation"][-1]["cluster_accuracy"] == pytest.approx(final["cluster"]["pixel_accuracy"])
+    assert result["validation"][-1]["linear_miou"] == pytest.approx(final["linear"]["mean_iou"])
+
+
+def test_interrupt_keeps_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    cfg = get_config("demo", TINY)
+    full = train(cfg, tmp_path / "full", max_steps=6, progress=False)
+    real = hpkit.train.lambda_schedule
+
+    def interrupt_at_4(step, *args, **kwargs):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(step, *args, **kwargs)
+
+    monkeypatch.setattr(hpkit.train, "lambda_schedule", interrupt_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(hpkit.train, "lambda_schedule", real)
+    resumed = train(cfg, tmp_path / "cut", max_steps=6, progress=False, resume=True)
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
+
+
+def test_bf16_autocast_runs_close_to_fp32(tmp_path):
+    fp32 = train(get_config("demo", TINY), tmp_path / "a", max_steps=2, progress=False)
+    bf16 = train(get_config("demo", TINY + ["train.amp=bf16"]), tmp_path / "b", max_steps=2, progress=False)
+    assert bf16["history"][0]["loss"] == pytest.approx(fp32["history"][0]["loss"], rel=0.05)
+    with pytest.raises(ValueError, match="train.amp=fp16 needs CUDA"):
+        train(get_config("demo", TINY + ["train.amp=fp16"]), tmp_path / "c", progress=False)
+
+
+def test_official_augmentation_reproduces_the_clamp():
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    ours = photometric(images, torch.Generator().manual_seed(1))
+    official = photometric(images, torch.Generator().manual_seed(1), official=True, mean=mean, std=std)
+    assert 0 <= ours.min() and ours.max() <= 1
+    # the normalised input spans about [-2.1, 2.6]; the jitter clamps it to [0, 1] (D12): many exact zeros
+    assert 0 <= official.min() and official.max() <= 1 and (official == 0).float().mean() > 0.15
+    assert (ours == 0).float().mean() < 0.01
+
+
+def test_unlabelled_folder_trains_and_sizes_are_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    folder = TINY + ["data.dataset=folder", f"data.root={tmp_path}", "loss.pool_size=8", "train.val_every=0"]
+    result = train(get_config("demo", folder), tmp_path / "run", max_steps=2, progress=False)
+    assert result["steps"] == 2 and all(math.isfinite(h["probe_loss"]) for h in result["history"])
+    with pytest.raises(ValueError, match="data.image_size=36 is not a multiple of the patch size 8"):
+        train(get_config("demo", TINY + ["data.image_size=36"]), tmp_path / "bad", progress=False)

@@ -1,0 +1,135 @@
+"""Pictures of a run: training curves, confusion matrices, label maps with a cluster-to-class legend.
+
+Every function returns a matplotlib ``Figure`` (shown inline in notebooks; ``fig.savefig(path)``
+elsewhere). Inputs are the plain dicts hpkit writes: ``history.json`` of a run, the result of
+:func:`hpkit.evaluate.evaluate` (``eval.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+__all__ = ["plot_history", "plot_confusion", "colorize", "legend_handles", "plot_segmentation", "default_colors"]
+
+
+def _history(history: dict | str | Path) -> dict:
+    if isinstance(history, (str, Path)):
+        path = Path(history)
+        path = path / "history.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no training history at {path}: train a run first")
+        history = json.loads(path.read_text())
+    return history
+
+
+def plot_history(history: dict | str | Path) -> Figure:
+    """Loss and lambda per step, and cluster / linear probe accuracy and mIoU at each validation.
+
+    Args:
+        history: a run folder, its ``history.json``, or the dict ``train`` returned.
+    """
+    h = _history(history)
+    steps = h.get("steps", h.get("history", []))
+    validation = h.get("validation", [])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    x = [e["step"] for e in steps]
+    axes[0].plot(x, [e["loss"] for e in steps], lw=1, label="HP loss")
+    axes[0].set(xlabel="step", ylabel="loss", title="Training loss and $\\lambda$")
+    twin = axes[0].twinx()
+    twin.plot(x, [e["lambda"] for e in steps], color="tab:orange", lw=1, label="$\\lambda$")
+    twin.set(ylabel="$\\lambda$", ylim=(-0.05, 1.05))
+    axes[0].legend(handles=axes[0].lines + twin.lines, loc="upper right")
+    if validation:
+        vx = [v["step"] for v in validation]
+        for key, style in (("cluster_miou", "-o"), ("cluster_accuracy", "--o"), ("linear_miou", "-s"),
+                           ("linear_accuracy", "--s")):
+            axes[1].plot(vx, [100 * v[key] for v in validation], style, ms=3, label=key.replace("_", " "))
+        axes[1].legend(fontsize=8)
+    else:
+        axes[1].text(0.5, 0.5, "no validation during training\n(train.val_every=0)", ha="center", va="center")
+    axes[1].set(xlabel="step", ylabel="%", title="Validation (probes on the val split)")
+    return fig
+
+
+def plot_confusion(confusion, class_names: list[str], *, title: str = "Confusion matrix",
+                   normalize: bool = True) -> Figure:
+    """A (matched) confusion matrix, rows = prediction, columns = ground truth.
+
+    Args:
+        confusion: (K, K) counts (``result["cluster"]["confusion"]`` from :func:`hpkit.evaluate.evaluate`).
+        normalize: show each ground-truth column as fractions (recall per class).
+    """
+    m = np.asarray(confusion, dtype=np.float64)
+    if m.ndim != 2 or m.shape[1] != len(class_names):
+        raise ValueError(f"confusion must be (K, {len(class_names)}), got {m.shape}")
+    shown = m / np.maximum(m.sum(0, keepdims=True), 1) if normalize else m
+    size = 2.5 + 0.35 * len(class_names)
+    fig, ax = plt.subplots(figsize=(size + 1, size), layout="constrained")
+    im = ax.imshow(shown, cmap="Blues", vmin=0)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+    ax.set_yticks(range(m.shape[0]), list(class_names)[: m.shape[0]])
+    ax.set(xlabel="ground truth", ylabel="prediction (matched)", title=title)
+    if len(class_names) <= 12:
+        for (i, j), v in np.ndenumerate(shown):
+            ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
+                    color="white" if v > 0.6 * shown.max() else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the class" if normalize else "pixels")
+    return fig
+
+
+def default_colors(n: int) -> np.ndarray:
+    """(n, 3) uint8 distinct colours (matplotlib's tab20) for label maps without a palette."""
+    cmap = plt.get_cmap("tab20")
+    return (np.array([cmap(i % 20)[:3] for i in range(n)]) * 255).astype(np.uint8)
+
+
+def colorize(labels, colors) -> np.ndarray:
+    """(H, W) int label map -> (H, W, 3) uint8 picture; ignored pixels (< 0) are black."""
+    labels = np.asarray(labels)
+    colors = np.asarray(colors, dtype=np.uint8)
+    out = np.zeros(labels.shape + (3,), np.uint8)
+    valid = (labels >= 0) & (labels < len(colors))
+    out[valid] = colors[labels[valid]]
+    return out
+
+
+def legend_handles(class_names: list[str], colors, mapping: list[int] | None = None) -> list[Patch]:
+    """Legend patches: one per class, or with ``mapping`` (cluster -> class) one per cluster,
+    labelled ``"cluster k -> class"`` and coloured as its matched class."""
+    colors = np.asarray(colors) / 255.0
+    if mapping is None:
+        return [Patch(color=colors[i], label=name) for i, name in enumerate(class_names)]
+    return [Patch(color=colors[c] if c >= 0 else (0, 0, 0), label=f"cluster {k} -> {class_names[c] if c >= 0 else '?'}")
+            for k, c in enumerate(mapping)]
+
+
+def plot_segmentation(image, panels: dict[str, np.ndarray], class_names: list[str], colors,
+                      *, title: str | None = None) -> Figure:
+    """The image next to one or more (H, W) class-id maps, with a class legend.
+
+    Args:
+        image: (H, W, 3) uint8 or float in [0, 1], or a (3, H, W) tensor.
+        panels: ``{"ground truth": labels, "HP clusters": pred, ...}`` class ids (-1 = ignore).
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = image.transpose(1, 2, 0)
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.2 * (1 + len(panels)) + 1.8, 3.4), layout="constrained")
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for ax, (name, labels) in zip(axes[1:], panels.items()):
+        ax.imshow(colorize(labels, colors), interpolation="nearest")
+        ax.set_title(name)
+    for ax in axes:
+        ax.axis("off")
+    fig.legend(handles=legend_handles(class_names, colors), loc="outside right center", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
