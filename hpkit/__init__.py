@@ -16,6 +16,8 @@ from .heads import MomentumHead, ProjectionHead, SegmentationHead, from_rows, to
 from .local_positives import local_mix, local_weights, mix_neighbours
 from .objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
 from .pools import ReferencePools, collect_patch_bank, sample_patches
+from .config import Config, get_config, override
+from .segment import segment  # the function ``hpkit.segment(image, run_dir)``; its module stays importable
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,5 @@ __all__ = [
     "local_mix", "local_weights", "mix_neighbours",
     "consistency_regularizer", "hp_objective", "lambda_schedule", "self_contrastive_loss",
     "ReferencePools", "collect_patch_bank", "sample_patches",
+    "Config", "get_config", "override", "segment",
 ]

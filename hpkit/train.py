@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -209,7 +210,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, max_steps: 
         progress: show a tqdm progress bar.
 
     Returns:
-        dict with ``history`` (one entry per iteration: step, loss, lambda, probe_loss),
+        dict with ``history`` (one entry per iteration: step, loss, lambda, probe_loss, seconds),
         ``validation`` (one entry per validation: step, cluster/linear accuracy and mIoU) and ``steps``.
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -332,6 +333,7 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
             for idx, images, labels in loader:
                 if step >= total:
                     break
+                started = time.perf_counter()
                 gen = _generator(cfg.train.seed, 1_000_000 + step, rank)
                 images, labels = images.to(device), labels.to(device)
                 if cache is not None:
@@ -384,7 +386,8 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
                 step += 1
                 if step % loss_cfg.renew_interval == 0:
                     pools.refresh_specific(ema, generator=_generator(cfg.train.seed, 2_000_000 + step))
-                history.append({"step": step, "loss": value.item(), "lambda": lam, "probe_loss": probe_loss.item()})
+                history.append({"step": step, "loss": value.item(), "lambda": lam, "probe_loss": probe_loss.item(),
+                                "seconds": time.perf_counter() - started})
                 updating = False
                 if cfg.train.val_every and step % cfg.train.val_every == 0:
                     validate()
