@@ -1,8 +1,10 @@
 """Command line: ``python -m hpkit <command>`` (also installed as ``hpkit``).
 
-Commands: ``quickstart`` (one HP step, explained), ``train`` (a preset plus ``--set`` overrides),
-``eval`` (metrics of a trained run, optionally with CRF; ``--json`` prints one JSON object),
-``segment`` (label map and overlay of one image).
+Commands: ``quickstart`` (one HP step, explained), ``train`` (a preset plus ``--set`` overrides;
+under ``torchrun`` on several GPUs), ``eval`` (metrics of a trained run, optionally with CRF;
+``--json`` prints one JSON object, ``--plots`` writes figures), ``segment`` (label map and overlay of
+one image), ``prepare`` (five-crop copies of a real dataset), ``download`` (a real dataset's sources,
+a resumable download and a layout check).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-images", type=int, default=None)
     ev.add_argument("--plots", action="store_true",
                     help="also write history.png, confusion_cluster.png and confusion_linear.png into the run folder")
+    prep = sub.add_parser("prepare", help="write the five-crop training copies of a real dataset")
+    prep.add_argument("dataset", help="cocostuff27 | cityscapes27 (potsdam3 needs no crops)")
+    prep.add_argument("--root", required=True, help="the dataset folder (as data.root)")
+    prep.add_argument("--split", default="train", help="split to crop (default: train, as the official code)")
+    prep.add_argument("--workers", type=int, default=4, help="threads reading and writing images")
+    down = sub.add_parser("download", help="print a dataset's sources, download it (resumable) and check it")
+    down.add_argument("dataset", help="cocostuff27 | cityscapes27 | potsdam3")
+    down.add_argument("--root", required=True, help="the dataset folder to create")
+    down.add_argument("--url", default=None, help="another mirror of the pre-packaged zip")
+    down.add_argument("--check", action="store_true", help="only check the folder's layout, download nothing")
     seg = sub.add_parser("segment", help="segment an image with a trained run")
     seg.add_argument("image", help="image file (any size)")
     seg.add_argument("--checkpoint", required=True, help="run folder written by `hpkit train`")
@@ -77,6 +89,19 @@ def main(argv: list[str] | None = None) -> int:
                 names = result["classes"]
                 print("cluster -> class: " + ", ".join(f"{k}->{names[c] if c >= 0 else '?'}"
                                                        for k, c in enumerate(result["cluster"]["mapping"])))
+        elif args.command == "prepare":
+            from .data.prepare import five_crop
+
+            folder = five_crop(args.dataset, args.root, args.split, workers=args.workers)
+            print(f"five-crop copies of {args.split} in {folder}; train with --set data.root={args.root}")
+        elif args.command == "download":
+            from .data.prepare import check_layout, download
+
+            if not args.check:
+                download(args.dataset, args.root, url=args.url)
+            problems = check_layout(args.dataset, args.root)
+            print("\n".join(problems) if problems else f"{args.root} is ready for {args.dataset}")
+            return 1 if problems else 0
         elif args.command == "segment":
             from .segment import segment
 
@@ -89,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 result.overlay.save(args.out)
                 print(f"overlay written to {args.out}")
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+    except (ValueError, FileNotFoundError, ImportError, OSError, RuntimeError) as err:
         print(f"hpkit: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

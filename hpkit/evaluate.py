@@ -79,13 +79,17 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
             feats_rows.append(feats.cpu())
             labels_rows.append(labels.cpu())
     head.train(was_training)
+    notes = []
+    if kmeans and sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats_rows) < n_classes:
+        kmeans = False
+        notes.append(f"k-means baseline skipped: fewer patches than the {n_classes} classes")
     if kmeans:  # the baseline: k-means on the frozen backbone's patch features, scored like the cluster probe
         all_feats, all_labels = torch.cat(feats_rows), torch.cat(labels_rows)
         baseline = ClusterProbe.from_kmeans(to_rows(all_feats), n_classes, seed=seed)
         scores = F.interpolate(baseline(all_feats), size=all_labels.shape[-2:], mode="bilinear", align_corners=False)
         confusion["kmeans_backbone"] = confusion_matrix(scores.argmax(1), all_labels, n_classes, n_classes)
     result = {k: _summary(v, match=not k.startswith("linear"), names=names) for k, v in confusion.items()}
-    result.update({"images": count, "classes": names})
+    result.update({"images": count, "classes": names, "notes": notes})
     if getattr(data, "colors", None) is not None:
         result["colors"] = [[int(v) for v in c] for c in data.colors]
     return result

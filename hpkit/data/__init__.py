@@ -1,7 +1,24 @@
-"""Datasets: the embedded synthetic scenes and folders of your own images (real datasets follow)."""
+"""Datasets: synthetic scenes, your own image folders and the three benchmarks of the paper.
 
+Every dataset yields ``(image (3, S, S) float32 in [0, 1], label (S, S) int64, -1 = ignore)`` and has
+``class_names`` and ``colors`` ((n, 3) uint8).
+
+- :class:`SyntheticScenes`: deterministic offline scenes with exact labels (tests, lessons).
+- :class:`ImageFolder`: a folder of your images, label maps optional.
+- :class:`CocoStuff27`, :class:`Cityscapes27`, :class:`Potsdam3`: the official layouts (see each
+  module's docstring); COCO-Stuff and Cityscapes train on five-crop copies made by :func:`five_crop`.
+- :func:`download`, :func:`check_layout`, :data:`DATASETS`: sources, a resumable download and a check
+  that a dataset folder is complete.
+"""
+
+from .cityscapes import CITYSCAPES_CLASS_NAMES, CITYSCAPES_COLORS, Cityscapes27
+from .cocostuff import COCO_CLASS_NAMES, COCO_COLORS, FINE_TO_COARSE, CocoStuff27
 from .folder import IMAGE_EXTENSIONS, ImageFolder, load_rgb
+from .potsdam import POTSDAM_CLASS_NAMES, POTSDAM_COLORS, Potsdam3
+from .prepare import DATASETS, DatasetInfo, check_layout, dataset_info, download, five_crop
 from .synthetic import CLASS_COLORS, CLASS_NAMES, SyntheticScenes, render_scene
 
 __all__ = ["SyntheticScenes", "render_scene", "CLASS_NAMES", "CLASS_COLORS", "ImageFolder", "load_rgb",
-           "IMAGE_EXTENSIONS"]
+           "IMAGE_EXTENSIONS", "CocoStuff27", "FINE_TO_COARSE", "COCO_CLASS_NAMES", "COCO_COLORS", "Cityscapes27",
+           "CITYSCAPES_CLASS_NAMES", "CITYSCAPES_COLORS", "Potsdam3", "POTSDAM_CLASS_NAMES", "POTSDAM_COLORS",
+           "five_crop", "check_layout", "download", "DATASETS", "DatasetInfo", "dataset_info"]
