@@ -26,7 +26,7 @@ __all__ = ["crf_available", "dense_crf", "crf_batch", "CRF_PARAMS"]
 
 CRF_PARAMS = dict(gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4,
                   iterations=10)
-_MISSING = ("dense CRF needs the pydensecrf module: `pip install pydensecrf2==1.1` (it is in hpkit's "
+MISSING_MESSAGE = ("dense CRF needs the pydensecrf module: `pip install pydensecrf2==1.1` (it is in hpkit's "
             "dependencies; the old `pydensecrf` package does not build on Python >= 3.7)")
 
 
@@ -87,7 +87,7 @@ def dense_crf(image: Tensor | np.ndarray, scores: Tensor) -> Tensor:
         ImportError: ``pydensecrf`` is missing (the message says what to install).
     """
     if not crf_available():
-        raise ImportError(_MISSING)
+        raise ImportError(MISSING_MESSAGE)
     rgb, probs = _prepare(image, scores)
     return torch.from_numpy(_refine(rgb, probs))
 
@@ -106,7 +106,7 @@ def crf_batch(images: Tensor, scores: Tensor, *, workers: int | None = None, tim
         (B, H, W) long refined label maps.
     """
     if not crf_available():
-        raise ImportError(_MISSING)
+        raise ImportError(MISSING_MESSAGE)
     jobs = [_prepare(img, sc) for img, sc in zip(images, scores)]
     results: list[np.ndarray | None] = [None] * len(jobs)
     if workers is None:

@@ -16,6 +16,7 @@ Results are returned as a dict and written to ``eval.json`` (accuracy and mIoU i
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbone import FrozenViT
 from .checkpoint import load_run
-from .crf import crf_batch
+from .crf import MISSING_MESSAGE as CRF_MISSING
+from .crf import crf_available, crf_batch
 from .data.build import build_dataset
 from .heads import SegmentationHead, to_rows
 from .metrics import confusion_matrix, segmentation_metrics
@@ -59,6 +61,11 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
     n_classes = len(names)
     was_training = head.training
     head.eval()
+    notes = []
+    if crf and not crf_available():  # say so before any work, then score without it
+        crf = False
+        notes.append(f"CRF skipped: {CRF_MISSING}")
+        warnings.warn(notes[-1], stacklevel=2)
     count = len(data) if max_images is None else min(max_images, len(data))
     keys = ["cluster", "linear"] + (["cluster_crf", "linear_crf"] if crf else [])
     confusion = {k: torch.zeros(n_classes, n_classes, dtype=torch.long) for k in keys}
@@ -79,7 +86,6 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
             feats_rows.append(feats.cpu())
             labels_rows.append(labels.cpu())
     head.train(was_training)
-    notes = []
     if kmeans and sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats_rows) < n_classes:
         kmeans = False
         notes.append(f"k-means baseline skipped: fewer patches than the {n_classes} classes")

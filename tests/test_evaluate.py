@@ -47,3 +47,11 @@ def test_evaluate_matches_a_recomputation(tmp_path):
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         evaluate(tmp_path)
+
+
+def test_missing_crf_package_is_a_note_not_a_crash(tmp_path, monkeypatch):
+    train(get_config("demo", TINY), tmp_path, max_steps=2, progress=False)
+    monkeypatch.setattr("hpkit.evaluate.crf_available", lambda: False)
+    with pytest.warns(UserWarning, match="CRF skipped: dense CRF needs the pydensecrf module"):
+        result = evaluate(tmp_path, crf=True, batch_size=4)
+    assert "cluster_crf" not in result and "cluster" in result and result["notes"][0].startswith("CRF skipped")
