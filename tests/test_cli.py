@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
         "data.num_val=4", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]
@@ -37,4 +39,12 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     result = hpkit("eval", str(tmp_path / "missing"))
     assert result.returncode == 2 and "no checkpoint" in result.stderr
-    assert hpkit("train", "--help").returncode == 0 and hpkit("eval", "--help").returncode == 0
+
+
+def test_every_command_has_help(capsys):
+    from hpkit.__main__ import main
+
+    for command in ("train", "eval", "segment", "prepare", "download", "quickstart"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and f"usage: hpkit {command}" in capsys.readouterr().out
