@@ -1,0 +1,35 @@
+"""Backbone diagnostics on inputs whose answers are known by construction."""
+
+import pytest
+import torch
+
+from hpkit.diagnostics import attention_agreement, kmeans_miou, linear_probe_miou, patch_labels
+
+
+def test_patch_labels_take_the_centre_pixel():
+    labels = torch.arange(16).reshape(1, 4, 4)
+    assert patch_labels(labels, (2, 2)).tolist() == [[[5, 7], [13, 15]]]
+
+
+def test_attention_agreement_by_hand():
+    # 2 x 2 grid: every patch's 8-neighbourhood holds the other 3 patches. Classes: [[0, 0], [1, 1]].
+    labels = torch.tensor([[[0, 0], [1, 1]]])
+    logits = torch.zeros(1, 1, 4, 4)
+    logits[0, 0, 0, 1] = 5.0  # patch 0 attends to patch 1 (same class): above its row mean
+    logits[0, 0, 2, 0] = 5.0  # patch 2 attends to patch 0 (other class): above
+    # patches 1 and 3 attend uniformly: nothing is above their mean (all equal), everything below
+    result = attention_agreement(logits, labels)
+    # above: (0 -> 1 same), (2 -> 0 different) -> 1/2. below: 0 -> {2, 3} both different; 2 -> {1 diff, 3 same};
+    # 1 -> {0 same, 2 diff, 3 diff}; 3 -> {0 diff, 1 diff, 2 same} -> 3 same of 10
+    assert result["pairs_above"] == 2 and result["pairs_below"] == 10
+    assert result["above"] == pytest.approx(0.5) and result["below"] == pytest.approx(0.3)
+
+
+def test_probes_on_separable_features_are_perfect():
+    # features = one-hot class of the centre pixel (plus a constant), 2 classes on a 2 x 2 grid
+    labels = torch.tensor([[[0, 0, 1, 1]] * 4, [[1, 1, 0, 0]] * 4])  # (2, 4, 4) -> patch grid 2 x 2
+    grid = patch_labels(labels, (2, 2))
+    feats = torch.stack([(grid == 0).float(), (grid == 1).float(), torch.ones_like(grid, dtype=torch.float)], 1)
+    data = {"feats": feats, "labels": labels}
+    assert linear_probe_miou(data, data, 2)["mean_iou"] == pytest.approx(1.0)
+    assert kmeans_miou(data, 2)["pixel_accuracy"] == pytest.approx(1.0)
