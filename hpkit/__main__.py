@@ -4,7 +4,8 @@ Commands: ``quickstart`` (one HP step, explained), ``train`` (a preset plus ``--
 under ``torchrun`` on several GPUs), ``eval`` (metrics of a trained run, optionally with CRF;
 ``--json`` prints one JSON object, ``--plots`` writes figures), ``segment`` (label map and overlay of
 one image), ``prepare`` (five-crop copies of a real dataset), ``download`` (a real dataset's sources,
-a resumable download and a layout check).
+a resumable download and a layout check), ``pretrain`` (DINO pretraining of a tiny ViT,
+:mod:`hpkit.pretrain`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("--root", required=True, help="the dataset folder to create")
     down.add_argument("--url", default=None, help="another mirror of the pre-packaged zip")
     down.add_argument("--check", action="store_true", help="only check the folder's layout, download nothing")
+    sub.add_parser("pretrain", add_help=False,
+                   help="pretrain a tiny ViT with DINO (hpkit pretrain --help lists its settings)")
     seg = sub.add_parser("segment", help="segment an image with a trained run")
     seg.add_argument("image", help="image file (any size)")
     seg.add_argument("--checkpoint", required=True, help="run folder written by `hpkit train`")
@@ -58,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:  # its own parser: one flag per PretrainConfig field
+        from .pretrain import main as pretrain_main
+
+        try:
+            pretrain_main(argv[1:], prog="hpkit pretrain")
+        except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+            print(f"hpkit: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        return 0
     args = _parser().parse_args(argv)
     try:
         if args.command == "quickstart":

@@ -1,0 +1,727 @@
+"""Pretrain hpkit's tiny ViT with DINO self-distillation (Caron et al., ICCV 2021), offline, on CPU.
+
+DINO in a few lines: a *student* and a *teacher* network (the same ViT + projection head) see
+different random crops of one image: the teacher only the 2 large "global" crops, the student
+those and several small "local" crops. The student learns, by cross-entropy, to predict the
+teacher's output distribution over K prototypes for every other crop ("local-to-global"
+correspondence). The teacher is not trained by gradients: it is an exponential moving average
+(EMA) of the student. Collapse is avoided by *centering* the teacher's logits (subtracting a
+running mean, which prevents one prototype from dominating) and *sharpening* them (a low teacher
+temperature, which prevents the uniform distribution). The teacher's backbone is the result.
+
+``pretrain(cfg, out_dir)`` runs one readable loop (nanoGPT style) and writes ``checkpoint.pt``,
+``config.json`` and ``history.json``; ``export_backbone(out_dir, path)`` writes the teacher ViT as
+``.safetensors`` (timm keys, no DINO head) plus ``path.json`` metadata, loadable with
+``hpkit.load_backbone("random_tiny", weights=path)``. Command line::
+
+    python -m hpkit.pretrain runs/dino --epochs 20 --export weights/hpkit_dino_tiny.safetensors
+
+Where hpkit differs from the official DINO code (all configurable, see :class:`PretrainConfig`):
+
+- the ViT is timm's, built exactly like ``BACKBONES["random_tiny"]`` (``img_size=224``,
+  ``dynamic_img_size=True``): its position embedding keeps the 28 x 28 grid and is interpolated for
+  the 96 and 48 px crops, so the weights load into the same model at any image size;
+- augmentations are DINO's, written with ``torchvision.transforms.v2.functional`` on images in
+  [0, 1] and drawn from an explicit generator, except that the hue jitter is a rotation in YIQ
+  space (torchvision's HSV hue costs ~12 ms per crop on CPU, more than the rest together), and that
+  blur is weaker and rarer: the synthetic classes are texture families (speckle, streaks, stripes
+  1-3 px wide) with overlapping and borrowed colours, so texture is the signal and colour is not.
+  Colour jitter and grayscale therefore stay as strong as in DINO (they remove the colour shortcut),
+  while the blur sigma is scaled to the crop size (DINO's 0.1-2.0 at 224 px -> 0.1-0.8 at 96 px)
+  and applied with probability 0.5 / 0.1 / 0.2 (global 1 / global 2 / local) instead of 1.0 / 0.1 /
+  0.5, so that most views keep the textures the downstream model must tell apart;
+- gradients are clipped by their total norm (``clip_grad_norm_``), not per parameter;
+- the teacher momentum starts at 0.99 by default instead of 0.996, because a CPU run is short:
+  the teacher's total update weight is about ``(1 - m0) * steps / 2``, which for 0.996 and ~600
+  steps leaves ~30 % of the random initialisation in the teacher (e^-1.2), for 0.99 ~5 %.
+
+Determinism: the image order is drawn from a generator keyed on ``(seed, epoch)``, the crops from
+one keyed on ``(seed, step)``, and the global RNG (stochastic depth) is re-seeded from
+``(seed, step)`` every step, so a run resumed from a checkpoint reproduces the losses of an
+uninterrupted one exactly. Checkpoints are written atomically (temporary file + ``os.replace``);
+a non-finite loss stops with an error naming the step and keeps the last good checkpoint; Ctrl-C
+finishes the step in flight, saves it and stops (a second Ctrl-C stops at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .backbone import BACKBONES
+
+__all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
+           "update_center", "ema_update", "cosine_schedule", "teacher_temperature", "pretrain", "export_backbone",
+           "CHECKPOINT"]
+
+CHECKPOINT = "checkpoint.pt"
+_TINY = BACKBONES["random_tiny"]
+# Settings that may change between a run and its resumption (everything else must match).
+_RUN_ONLY = ("device", "num_workers", "checkpoint_every", "amp")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a DINO pretraining run depends on (defaults: ~1 hour on 2 CPU cores, see README).
+
+    Schedules are given in epochs and evaluated per step; ``epochs`` sets the length that the
+    cosine schedules span (``pretrain(max_steps=...)`` can stop earlier).
+    """
+
+    # Architecture: must equal BACKBONES["random_tiny"] to load with load_backbone("random_tiny", weights=...).
+    patch_size: int = 8
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    img_size: int = 224  # position-embedding grid = img_size / patch_size (28 x 28), interpolated per crop size
+    drop_path_rate: float = 0.0  # stochastic depth of the student (DINO ViT-S: 0.1); a short run underfits
+    # Data: "synthetic" (hpkit.data.SyntheticScenes, train split) or "folder" (hpkit.data.ImageFolder at root).
+    dataset: str = "synthetic"
+    root: str | None = None
+    num_images: int | None = 1000  # synthetic: number of scenes; folder: at most this many (None: all)
+    image_size: int = 128  # side of the source images (synthetic scenes are rendered at this size)
+    data_seed: int = 0  # synthetic: SyntheticScenes(seed=...); hpkit's HP training uses the same train split
+    # Multi-crop (sizes multiples of patch_size).
+    global_crop_size: int = 96
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    num_local_crops: int = 4
+    local_crop_size: int = 48
+    local_crop_scale: tuple[float, float] = (0.1, 0.4)
+    # Photometric augmentation (DINO's, blur weakened for textures; see the module docstring).
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 0.8)
+    blur_p: tuple[float, float, float] = (0.5, 0.1, 0.2)  # global 1, global 2, local
+    solarize_p: float = 0.2  # second global crop only, as DINO
+    # DINO head: MLP -> L2-normalised bottleneck -> weight-normalised linear layer to out_dim prototypes.
+    out_dim: int = 4096
+    hidden_dim: int = 512
+    bottleneck_dim: int = 128
+    norm_last_layer: bool = True  # fix the weight-norm gain g = 1 (DINO's default for stability)
+    freeze_last_layer: int = 1  # epochs during which the prototypes get no update
+    # Loss.
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 6
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.99  # cosine schedule to 1.0 (DINO: 0.996 for runs of >= 100 epochs)
+    # Optimisation: AdamW, linear warm-up then cosine; lr is per 256 images (scaled by batch_size / 256).
+    batch_size: int = 32
+    epochs: int = 20
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 2
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # max total gradient norm (0 disables)
+    # Run.
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", "auto"
+    amp: bool = False  # bfloat16 autocast (CPUs with AMX, recent GPUs); the loss stays float32
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers for reading images (folder datasets)
+    checkpoint_every: int = 100  # steps (and always at the end)
+
+    def __post_init__(self) -> None:
+        for name in ("global_crop_scale", "local_crop_scale", "jitter", "blur_sigma", "blur_p"):
+            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        p = self.patch_size
+        for name in ("global_crop_size", "local_crop_size", "img_size"):
+            if getattr(self, name) % p:
+                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of patch_size={p}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.dataset not in ("synthetic", "folder"):
+            raise ValueError(f"dataset must be 'synthetic' or 'folder', got {self.dataset!r}")
+        if self.dataset == "folder" and not self.root:
+            raise ValueError("dataset='folder' needs root=/path/to/images")
+
+    @property
+    def matches_random_tiny(self) -> bool:
+        """Whether the architecture is ``BACKBONES["random_tiny"]`` (so ``load_backbone`` accepts it)."""
+        return (self.patch_size, self.embed_dim, self.depth, self.num_heads, self.img_size) == tuple(
+            _TINY.timm_kwargs[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "img_size"))
+
+
+class PretrainingDiverged(RuntimeError):
+    """The DINO loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------- model
+
+def build_vit(cfg: PretrainConfig, drop_path_rate: float | None = None) -> nn.Module:
+    """The timm ViT of ``cfg``, built like hpkit's ``random_tiny`` (no classifier, any crop size).
+
+    ``model(x)`` maps images (B, 3, H, W) (normalised) to CLS tokens (B, embed_dim) after the final norm.
+    """
+    return timm.create_model(_TINY.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                             patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                             num_heads=cfg.num_heads, img_size=cfg.img_size,
+                             drop_path_rate=cfg.drop_path_rate if drop_path_rate is None else drop_path_rate)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: (N, in_dim) -> 3-layer MLP -> L2-normalised (N, bottleneck) -> (N, out_dim).
+
+    The last layer is weight-normalised (``weight = g * v / |v|`` per prototype); with
+    ``norm_last_layer`` the gain g is fixed to 1, so the logits are cosine similarities to the
+    prototypes, which keeps the softmax temperatures meaningful.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 512, bottleneck_dim: int = 128,
+                 norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        last = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        nn.init.trunc_normal_(last.weight, std=0.02)
+        self.last_layer = nn.utils.parametrizations.weight_norm(last)
+        gain = self.last_layer.parametrizations.weight.original0  # (out_dim, 1)
+        with torch.no_grad():
+            gain.fill_(1.0)
+        gain.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, in_dim) -> logits (N, out_dim)."""
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class DINONet(nn.Module):
+    """ViT backbone + DINO head, applied to a list of crops.
+
+    Images are in [0, 1] and normalised inside with the mean/std that :class:`hpkit.FrozenViT`
+    will use for this timm model. Consecutive crops of one size go through the ViT as one batch.
+    """
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
+        self.register_buffer("mean", torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> CLS token (B, embed_dim) after the final LayerNorm."""
+        x = (images - self.mean) / self.std
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, crops: Sequence[Tensor]) -> Tensor:
+        """crops: list of (B, 3, S_i, S_i) -> logits (len(crops) * B, out_dim), crop-major."""
+        feats, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            feats.append(self.features(torch.cat(list(crops[start:end]))))
+            start = end
+        return self.head(torch.cat(feats))
+
+
+# ------------------------------------------------------------------------------ loss and schedules
+
+def dino_loss(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_temp: float,
+              teacher_temp: float, n_global: int = 2) -> Tensor:
+    """DINO's cross-entropy between the centred, sharpened teacher and the student, over crop pairs.
+
+    Args:
+        student_out: (n_crops * B, K) student logits, crop-major (global crops first).
+        teacher_out: (n_global * B, K) teacher logits of the global crops.
+        center: (1, K) running mean of the teacher logits.
+
+    Returns:
+        scalar: mean over pairs (teacher crop i, student crop v != i) of
+        ``mean_b sum_k -softmax((t - c) / teacher_temp) * log_softmax(s / student_temp)``.
+    """
+    n_crops = student_out.shape[0] // (teacher_out.shape[0] // n_global)
+    student = (student_out / student_temp).chunk(n_crops)
+    teacher = F.softmax((teacher_out - center) / teacher_temp, dim=-1).detach().chunk(n_global)
+    total, pairs = student_out.new_zeros(()), 0
+    for i, t in enumerate(teacher):
+        for v, s in enumerate(student):
+            if v == i:
+                continue  # never the same view
+            total = total + torch.sum(-t * F.log_softmax(s, dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+@torch.no_grad()
+def update_center(center: Tensor, teacher_out: Tensor, momentum: float) -> Tensor:
+    """New center (1, K): ``momentum * center + (1 - momentum) * mean of teacher_out (N, K)``."""
+    return center * momentum + teacher_out.mean(dim=0, keepdim=True) * (1 - momentum)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """In place, for every parameter: ``teacher = momentum * teacher + (1 - momentum) * student``."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+def cosine_schedule(step: int, total: int, base: float, final: float, warmup: int = 0,
+                    start: float = 0.0) -> float:
+    """DINO's scheduler at ``step``: linear ``start -> base`` over ``warmup`` steps, then cosine to ``final``."""
+    if step < warmup:
+        return start + (base - start) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
+
+
+def teacher_temperature(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
+    """Teacher temperature: linear warm-up over ``warmup_teacher_temp_epochs``, then constant."""
+    warm = cfg.warmup_teacher_temp_epochs * steps_per_epoch
+    if step >= warm:
+        return cfg.teacher_temp
+    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warm
+
+
+# --------------------------------------------------------------------------------- augmentation
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=torch.float64)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def _shift_hue(img: Tensor, shift: float) -> Tensor:
+    """Hue rotation of (3, H, W) in [0, 1] by ``shift`` turns (rotation of the IQ chroma plane)."""
+    a = 2 * math.pi * shift
+    rot = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]],
+                       dtype=torch.float64)
+    m = (_YIQ_TO_RGB @ rot @ _RGB_TO_YIQ).to(img.dtype)
+    return (m @ img.reshape(3, -1)).reshape(img.shape).clamp_(0, 1)
+
+
+def _uniform(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def _crop_box(height: int, width: int, scale: tuple[float, float], g: torch.Generator,
+              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box ``(top, left, h, w)``: area fraction in ``scale``, log-uniform aspect ratio."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(g, *scale)
+        aspect = math.exp(_uniform(g, *log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=g))
+            left = int(torch.randint(0, width - w + 1, (), generator=g))
+            return top, left, h, w
+    side = min(height, width)  # fallback: the central square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class MultiCrop:
+    """DINO's multi-crop augmentation of a batch (B, 3, H, W) in [0, 1].
+
+    ``crops = MultiCrop(cfg)(images, generator)`` is a list of ``2 + num_local_crops`` tensors: two
+    global crops (B, 3, G, G) then the local crops (B, 3, L, L), all in [0, 1]. Each crop: random
+    resized crop (antialiased), horizontal flip, colour jitter in random order (p ``jitter_p``),
+    grayscale (p ``grayscale_p``), Gaussian blur (p ``blur_p`` per crop kind) and, for the second
+    global crop, solarization (p ``solarize_p``). All randomness comes from ``generator``.
+    """
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.blur_kernel = 2 * math.ceil(3 * cfg.blur_sigma[1]) + 1
+
+    def _jitter(self, x: Tensor, g: torch.Generator) -> Tensor:
+        b, c, s, h = self.cfg.jitter
+        for op in torch.randperm(4, generator=g).tolist():
+            if op == 0 and b > 0:
+                x = TF.adjust_brightness(x, _uniform(g, max(0.0, 1 - b), 1 + b))
+            elif op == 1 and c > 0:
+                x = TF.adjust_contrast(x, _uniform(g, max(0.0, 1 - c), 1 + c))
+            elif op == 2 and s > 0:
+                x = TF.adjust_saturation(x, _uniform(g, max(0.0, 1 - s), 1 + s))
+            elif op == 3 and h > 0:
+                x = _shift_hue(x, _uniform(g, -h, h))
+        return x
+
+    def view(self, image: Tensor, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+             g: torch.Generator) -> Tensor:
+        """One augmented crop (3, size, size) of ``image`` (3, H, W) in [0, 1]."""
+        cfg = self.cfg
+        top, left, h, w = _crop_box(image.shape[-2], image.shape[-1], scale, g)
+        x = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True).clamp_(0, 1)
+        if _uniform(g) < 0.5:
+            x = TF.horizontal_flip(x)
+        if _uniform(g) < cfg.jitter_p:
+            x = self._jitter(x, g)
+        if _uniform(g) < cfg.grayscale_p:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if _uniform(g) < blur_p:
+            sigma = _uniform(g, *cfg.blur_sigma)
+            x = TF.gaussian_blur(x, [self.blur_kernel, self.blur_kernel], [sigma, sigma])
+        if _uniform(g) < solarize_p:
+            x = TF.solarize(x, 0.5)
+        return x
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """images (B, 3, H, W) in [0, 1] -> [global 1, global 2, local 1, ...], each (B, 3, S, S)."""
+        cfg = self.cfg
+        kinds = [(cfg.global_crop_size, cfg.global_crop_scale, cfg.blur_p[0], 0.0),
+                 (cfg.global_crop_size, cfg.global_crop_scale, cfg.blur_p[1], cfg.solarize_p)]
+        kinds += [(cfg.local_crop_size, cfg.local_crop_scale, cfg.blur_p[2], 0.0)] * cfg.num_local_crops
+        images = images.float().cpu()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # hundreds of tiny ops: thread start-up costs more than it saves (10x on 2 cores)
+        try:
+            return [torch.stack([self.view(img, size, scale, blur, sol, generator) for img in images])
+                    for size, scale, blur, sol in kinds]
+        finally:
+            torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------- run helpers
+
+def _seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integer keys (the same on every machine)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*keys))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available here; use device='cpu'")
+    return device
+
+
+def _dataset(cfg: PretrainConfig) -> Dataset:
+    """The pretraining images (labels are never used)."""
+    if cfg.dataset == "synthetic":
+        from .data.synthetic import SyntheticScenes
+
+        return SyntheticScenes("train", num_images=cfg.num_images or 1000, image_size=cfg.image_size,
+                               seed=cfg.data_seed)
+    from .data.folder import ImageFolder
+
+    data = ImageFolder(cfg.root, image_size=cfg.image_size)
+    if cfg.num_images is not None and cfg.num_images < len(data):
+        data = Subset(data, range(cfg.num_images))
+    return data
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _config_dict(cfg: PretrainConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[dict]:
+    """While active, a first Ctrl-C only sets ``flag["stop"]`` (the step in flight finishes); a second
+    Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread nothing is changed."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):  # noqa: ANN001 - signal handler signature
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print("\nhpkit.pretrain: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None,
+             progress: bool = True) -> dict:
+    """Pretrain a ViT with DINO and write ``checkpoint.pt``, ``config.json`` and ``history.json``.
+
+    Args:
+        cfg: the configuration.
+        out_dir: output folder.
+        resume: continue from ``out_dir/checkpoint.pt`` (same configuration, except ``device``,
+            ``num_workers``, ``checkpoint_every`` and ``amp``).
+        max_steps: stop after this many steps in total; the schedules still span ``cfg.epochs``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        dict with ``history`` (one entry per step: step, epoch, loss, lr, weight_decay, teacher_temp,
+        momentum, teacher_entropy, grad_norm, seconds), ``steps``, ``seconds`` (training time in
+        total) and ``checkpoint`` (its path).
+
+    Raises:
+        PretrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
+        KeyboardInterrupt: after Ctrl-C, once the checkpoint of the last completed step is written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+    device = _device(cfg.device)
+    data = _dataset(cfg)
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(data)} images")
+    total = steps_per_epoch * cfg.epochs  # the schedules span the whole configured run
+    stop = total if max_steps is None else min(total, max_steps)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the caller's global RNG is left as it was
+        torch.manual_seed(cfg.seed)
+        student = DINONet(build_vit(cfg), DINOHead(cfg.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                                                   cfg.norm_last_layer)).to(device)
+        teacher = DINONet(build_vit(cfg, drop_path_rate=0.0),
+                          DINOHead(cfg.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                                   cfg.norm_last_layer)).to(device)
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False).eval()
+        # DINO's parameter groups: no weight decay on biases and norm parameters (1-d tensors).
+        named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")], "decay": True},
+             {"params": [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")], "decay": False,
+              "weight_decay": 0.0}], lr=0.0)
+        last_layer = list(student.head.last_layer.parameters())
+        center = torch.zeros(1, cfg.out_dim, device=device)
+        step, history, seconds = 0, [], 0.0
+        if resume:
+            if not ckpt_path.is_file():
+                raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+            changed = {k: (v, state["config"].get(k)) for k, v in _config_dict(cfg).items()
+                       if k not in _RUN_ONLY and state["config"].get(k) != v}
+            if changed:
+                raise ValueError("cannot resume with a different configuration; changed (now, before): "
+                                 + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in changed.items()))
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            optimizer.load_state_dict(state["optimizer"])
+            center = state["center"].to(device)
+            step, history, seconds = state["step"], state["history"], state["seconds"]
+            torch.set_rng_state(state["rng"])
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+
+        def checkpoint() -> None:
+            state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": optimizer.state_dict(), "center": center, "step": step, "history": history,
+                     "seconds": seconds, "steps_per_epoch": steps_per_epoch, "rng": torch.get_rng_state(),
+                     "config": _config_dict(cfg)}
+            _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+            _atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history)))
+
+        crop = MultiCrop(cfg)
+        n_crops = 2 + cfg.num_local_crops
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        bar = tqdm(total=stop, initial=step, disable=not progress, desc="DINO pretraining")
+        updating = False  # parameters half-updated: an interrupt then keeps the previous checkpoint
+        try:
+            with _deferred_sigint() as sigint:
+                while step < stop:
+                    epoch, skip = divmod(step, steps_per_epoch)
+                    order = torch.randperm(len(data), generator=_generator(cfg.seed, 0, epoch))
+                    batches = order[: steps_per_epoch * cfg.batch_size].view(steps_per_epoch, cfg.batch_size)
+                    loader = DataLoader(data, batch_sampler=batches[skip:].tolist(), num_workers=cfg.num_workers)
+                    for images, _ in loader:
+                        if step >= stop:
+                            break
+                        started = time.perf_counter()
+                        # Schedules (DINO's, per step).
+                        lr = cosine_schedule(step, total, cfg.lr * cfg.batch_size / 256, cfg.min_lr,
+                                             warmup=cfg.warmup_epochs * steps_per_epoch)
+                        wd = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+                        momentum = cosine_schedule(step, total, cfg.momentum_teacher, 1.0)
+                        t_temp = teacher_temperature(step, steps_per_epoch, cfg)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                            if group["decay"]:
+                                group["weight_decay"] = wd
+                        # Forward: teacher on the 2 global crops, student on all crops.
+                        torch.manual_seed(_seed(cfg.seed, 2, step))  # stochastic depth, if any
+                        crops = [c.to(device, non_blocking=True) for c in crop(images, _generator(cfg.seed, 1, step))]
+                        with amp:
+                            with torch.no_grad():
+                                t_out = teacher(crops[:2]).float()
+                            s_out = student(crops).float()
+                        loss = dino_loss(s_out, t_out, center, cfg.student_temp, t_temp)
+                        value = loss.item()
+                        if not math.isfinite(value):
+                            raise PretrainingDiverged(
+                                f"the DINO loss is {value} at step {step} (epoch {epoch}); the last good "
+                                f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a "
+                                "lower lr, a lower clip_grad or a higher teacher temperature")
+                        # Backward and update: student by AdamW, teacher by EMA, center by EMA.
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        updating = True
+                        if epoch < cfg.freeze_last_layer:
+                            for p in last_layer:
+                                p.grad = None  # the prototypes stay fixed while the rest settles
+                        params = [p for p in student.parameters() if p.grad is not None]
+                        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0
+                                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                        optimizer.step()
+                        ema_update(teacher, student, momentum)
+                        with torch.no_grad():
+                            probs = F.softmax((t_out - center) / t_temp, dim=-1)
+                            entropy = float(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean())
+                        center = update_center(center, t_out, cfg.center_momentum)
+                        step += 1
+                        took = time.perf_counter() - started
+                        seconds += took
+                        history.append({"step": step, "epoch": epoch, "loss": value, "lr": lr, "weight_decay": wd,
+                                        "teacher_temp": t_temp, "momentum": momentum, "teacher_entropy": entropy,
+                                        "grad_norm": float(grad_norm), "seconds": took})
+                        updating = False
+                        if step % cfg.checkpoint_every == 0 and step < stop:
+                            checkpoint()
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", mom=f"{momentum:.4f}")
+                        if sigint["stop"]:
+                            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if not updating:
+                checkpoint()
+            print(f"hpkit.pretrain: interrupted at step {step}; {ckpt_path} "
+                  f"{'holds it' if not updating else 'holds the last regular checkpoint'}: continue with "
+                  "resume=True (--resume)", file=sys.stderr, flush=True)
+            raise
+        finally:
+            bar.close()
+        checkpoint()
+    return {"history": history, "steps": step, "seconds": seconds, "checkpoint": ckpt_path}
+
+
+# ----------------------------------------------------------------------------------------- export
+
+def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float32") -> Path:
+    """Write the teacher's ViT (timm state-dict keys, no DINO head) as ``.safetensors``.
+
+    Args:
+        source: a pretraining folder (with ``checkpoint.pt``) or a checkpoint file.
+        path: the ``.safetensors`` file to write; ``path`` with suffix ``.json`` gets the metadata
+            (configuration, steps, epochs, training time, last loss, parameter count, sha256).
+        dtype: ``"float32"`` (~11 MB for the default model) or ``"float16"`` (half of that).
+
+    Returns:
+        ``path``. Load it with ``hpkit.load_backbone("random_tiny", weights=path)`` when the
+        architecture is the default one (``PretrainConfig().matches_random_tiny``).
+    """
+    from safetensors.torch import save_file
+
+    source, path = Path(source), Path(path)
+    ckpt = source / CHECKPOINT if source.is_dir() else source
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no pretraining checkpoint at {ckpt}: run hpkit.pretrain.pretrain first")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path must end in .safetensors, got {path}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    weights = {k[len("backbone."):]: v.to(getattr(torch, dtype)).contiguous()
+               for k, v in state["teacher"].items() if k.startswith("backbone.")}
+    cfg = PretrainConfig(**state["config"])
+    history = state["history"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "hpkit DINO-pretrained ViT (teacher backbone, timm keys)", "timm_name": _TINY.timm_name,
+            "loads_as": "random_tiny" if cfg.matches_random_tiny else None, "dtype": dtype,
+            "parameters": sum(v.numel() for v in weights.values()), "steps": state["step"],
+            "epochs": round(state["step"] / state["steps_per_epoch"], 2),
+            "training_seconds": round(state["seconds"], 1), "final_loss": history[-1]["loss"] if history else None,
+            "config": state["config"]}
+    _atomic_write(path, lambda tmp: save_file(weights, str(tmp), metadata={"hpkit": json.dumps(meta)}))
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    return path
+
+
+# ------------------------------------------------------------------------------------ command line
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrain") -> None:
+    """``hpkit pretrain OUT_DIR [--FIELD VALUE ...] [--resume] [--max-steps N] [--export FILE]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--export", metavar="FILE.safetensors", help="export the teacher backbone at the end")
+    parser.add_argument("--export-dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--no-progress", action="store_true")
+    defaults = PretrainConfig()
+    for f in dataclasses.fields(PretrainConfig):
+        value = getattr(defaults, f.name)
+        kind = "comma-separated" if isinstance(value, tuple) else type(value).__name__
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, metavar="V",
+                            help=f"{kind} (default {value})")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for f in dataclasses.fields(PretrainConfig):
+        raw = getattr(args, f.name)
+        if raw is None:
+            continue
+        value = getattr(defaults, f.name)
+        if isinstance(value, tuple):
+            overrides[f.name] = tuple(float(v) for v in raw.split(","))
+        elif isinstance(value, bool):
+            overrides[f.name] = raw.lower() in ("1", "true", "yes", "on")
+        elif raw.lower() == "none":
+            overrides[f.name] = None
+        elif isinstance(value, int):
+            overrides[f.name] = int(raw)
+        elif isinstance(value, float):
+            overrides[f.name] = float(raw)
+        else:
+            overrides[f.name] = raw
+    cfg = PretrainConfig(**overrides)
+    result = pretrain(cfg, args.out_dir, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    print(f"{result['steps']} steps in {result['seconds'] / 60:.1f} min; checkpoint {result['checkpoint']}")
+    if args.export:
+        print(f"teacher backbone written to {export_backbone(args.out_dir, args.export, dtype=args.export_dtype)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""DINO pretraining: the loss, center, EMA and schedules by hand; tiny runs that write atomically,
+resume exactly (also after Ctrl-C), stop on NaN; the exported teacher loads as ``random_tiny``."""
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import hpkit.pretrain
+from hpkit import BACKBONES, FrozenViT, load_backbone
+from hpkit.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, cosine_schedule,
+                            dino_loss, ema_update, export_backbone, pretrain, teacher_temperature, update_center)
+
+# 8 scenes of 32 px, 2 steps per epoch, 2 epochs: covers the frozen last layer (epoch 0), warm-ups and an epoch change.
+TINY = dict(num_images=8, image_size=32, global_crop_size=32, local_crop_size=16, num_local_crops=2, depth=2,
+            embed_dim=48, num_heads=3, out_dim=64, hidden_dim=32, bottleneck_dim=16, batch_size=4, epochs=2,
+            warmup_epochs=1, warmup_teacher_temp_epochs=1, checkpoint_every=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def losses(result):
+    return [h["loss"] for h in result["history"]]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_dino_loss_matches_hand_computation():
+    # Closed form: teacher softmax([ln 3, 0]) = (3/4, 1/4); the same student -> CE = H(3/4, 1/4).
+    tt, ts = 0.04, 0.1
+    teacher = torch.tensor([[tt * math.log(3), 0.0]] * 2)  # 2 global crops, B = 1, K = 2
+    student = torch.tensor([[ts * math.log(3), 0.0]] * 3)  # 2 global + 1 local crop
+    zero = torch.zeros(1, 2)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert dino_loss(student, teacher, zero, ts, tt).item() == pytest.approx(entropy, abs=1e-6)
+    # Centering with the teacher's own logits makes it uniform: CE = -(ln(3/4) + ln(1/4)) / 2.
+    center = torch.tensor([[tt * math.log(3), 0.0]])
+    assert dino_loss(student, teacher, center, ts, tt).item() == pytest.approx(
+        -(math.log(0.75) + math.log(0.25)) / 2, abs=1e-6)
+
+    # General case against plain torch ops: B = 2, K = 5, 2 global + 2 local crops.
+    g = torch.Generator().manual_seed(0)
+    b, k, n_crops = 2, 5, 4
+    s_out, t_out = torch.randn(n_crops * b, k, generator=g), torch.randn(2 * b, k, generator=g)
+    center = torch.randn(1, k, generator=g)
+    pairs = []
+    for i in range(2):
+        t = torch.exp((t_out[i * b:(i + 1) * b] - center) / tt)
+        t = t / t.sum(dim=1, keepdim=True)
+        for v in range(n_crops):
+            if v != i:
+                s = s_out[v * b:(v + 1) * b] / ts
+                log_p = s - torch.log(torch.exp(s).sum(dim=1, keepdim=True))
+                pairs.append((-(t * log_p).sum(dim=1)).mean())
+    expected = torch.stack(pairs).mean()
+    assert len(pairs) == 6
+    torch.testing.assert_close(dino_loss(s_out, t_out, center, ts, tt), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_center_ema_and_schedules():
+    new = update_center(torch.zeros(1, 2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.9)
+    torch.testing.assert_close(new, torch.tensor([[0.2, 0.3]]))
+
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(3, 2), nn.Linear(3, 2)
+    expected = [0.9 * t.detach().clone() + 0.1 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
+    ema_update(teacher, student, 0.9)
+    for t, e in zip(teacher.parameters(), expected):
+        torch.testing.assert_close(t.detach(), e)
+
+    assert cosine_schedule(0, 100, 1e-3, 1e-6, warmup=10) == 0.0
+    assert cosine_schedule(5, 100, 1e-3, 1e-6, warmup=10) == pytest.approx(5e-4)
+    assert cosine_schedule(10, 100, 1e-3, 1e-6, warmup=10) == pytest.approx(1e-3)
+    assert cosine_schedule(100, 100, 1e-3, 1e-6, warmup=10) == pytest.approx(1e-6)
+    assert cosine_schedule(0, 100, 0.996, 1.0) == 0.996 and cosine_schedule(50, 100, 0.996, 1.0) == pytest.approx(0.998)
+    cfg = PretrainConfig(warmup_teacher_temp_epochs=2)
+    temps = [teacher_temperature(s, 10, cfg) for s in (0, 10, 20, 30)]
+    assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07])
+
+
+def test_defaults_are_random_tiny_and_crops_are_valid():
+    cfg = PretrainConfig()
+    assert cfg.matches_random_tiny
+    vit = build_vit(cfg)
+    assert vit.pos_embed.shape == (1, 1 + 28 * 28, 192)
+    assert sum(p.numel() for p in vit.parameters()) < 3_000_000
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        PretrainConfig(local_crop_size=50)
+
+    images = torch.rand(3, 3, 64, 64)
+    crop = MultiCrop(cfg)
+    crops = crop(images, torch.Generator().manual_seed(1))
+    assert [tuple(c.shape) for c in crops] == [(3, 3, 96, 96)] * 2 + [(3, 3, 48, 48)] * 4
+    assert all(c.min() >= 0 and c.max() <= 1 for c in crops)
+    again = crop(images, torch.Generator().manual_seed(1))
+    other = crop(images, torch.Generator().manual_seed(2))
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
+    assert not torch.equal(crops[0], other[0])
+
+
+def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
+    cfg = PretrainConfig(**TINY)
+    full = pretrain(cfg, tmp_path / "full", max_steps=4, progress=False)
+    assert full["steps"] == 4 and all(math.isfinite(x) for x in losses(full))
+    assert [h["step"] for h in full["history"]] == [1, 2, 3, 4]
+    assert {"loss", "lr", "teacher_temp", "momentum", "seconds"} <= set(full["history"][0])
+    assert json.loads((tmp_path / "full" / "history.json").read_text())[-1]["step"] == 4
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["out_dim"] == 64
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == [CHECKPOINT, "config.json", "history.json"]
+    final = load(tmp_path / "full" / CHECKPOINT)
+
+    pretrain(cfg, tmp_path / "split", max_steps=2, progress=False)
+    resumed = pretrain(cfg, tmp_path / "split", max_steps=4, progress=False, resume=True)
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
+    teacher = load(tmp_path / "split" / CHECKPOINT)["teacher"]
+    for key, value in final["teacher"].items():
+        torch.testing.assert_close(teacher[key], value, atol=1e-6, rtol=0)
+
+    # Ctrl-C during step 2: that step finishes, is saved, and the resumed run continues identically.
+    real, calls = hpkit.pretrain.dino_loss, []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hpkit.pretrain, "dino_loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, tmp_path / "ctrl_c", max_steps=4, progress=False)
+    monkeypatch.undo()
+    assert load(tmp_path / "ctrl_c" / CHECKPOINT)["step"] == 2
+    resumed = pretrain(cfg, tmp_path / "ctrl_c", max_steps=4, progress=False, resume=True)
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
+
+    with pytest.raises(ValueError, match="different configuration.*out_dim"):
+        pretrain(PretrainConfig(**TINY | {"out_dim": 32}), tmp_path / "full", resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        pretrain(cfg, tmp_path / "none", resume=True, progress=False)
+
+
+def test_checkpoints_are_atomic_and_nan_stops_at_the_step(tmp_path, monkeypatch):
+    cfg = PretrainConfig(**TINY)
+    pretrain(cfg, tmp_path, max_steps=2, progress=False)
+    good = (tmp_path / CHECKPOINT).read_bytes()
+
+    def broken_save(obj, path, *args, **kwargs):  # a crash half-way through writing the next checkpoint
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain(cfg, tmp_path, max_steps=4, progress=False, resume=True)
+    monkeypatch.undo()
+    assert (tmp_path / CHECKPOINT).read_bytes() == good  # the old checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "config.json", "history.json"]
+
+    real, calls = hpkit.pretrain.dino_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(hpkit.pretrain, "dino_loss", nan_at_step_3)
+    with pytest.raises(PretrainingDiverged, match="at step 2 "):
+        pretrain(cfg, tmp_path, max_steps=4, progress=False, resume=True)
+    assert (tmp_path / CHECKPOINT).read_bytes() == good
+
+
+def test_export_loads_with_load_backbone(tmp_path):
+    # The random_tiny architecture (depth 6, width 192) on 32 px scenes, one step: export must load as random_tiny.
+    cfg = PretrainConfig(**TINY | dict(depth=6, embed_dim=192, num_heads=3, epochs=1))
+    pretrain(cfg, tmp_path / "run", max_steps=1, progress=False)
+    path = export_backbone(tmp_path / "run", tmp_path / "out" / "dino_tiny.safetensors")
+    assert path.stat().st_size < 15e6
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["steps"] == 1 and meta["loads_as"] == "random_tiny" and meta["config"]["depth"] == 6
+
+    from safetensors.torch import load_file
+    saved = load_file(str(path))
+    teacher = load(tmp_path / "run" / CHECKPOINT)["teacher"]
+    assert not any(k.startswith(("head.", "backbone.")) for k in saved) and saved["pos_embed"].shape == (1, 785, 192)
+    assert set(saved) == {k[len("backbone."):] for k in teacher if k.startswith("backbone.")}
+
+    loaded = load_backbone("random_tiny", weights=path)
+    reference = build_vit(cfg)
+    reference.load_state_dict({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")})
+    reference = FrozenViT(reference, "random_tiny", 8)
+    assert not torch.equal(loaded.vit.pos_embed, load_backbone("random_tiny").vit.pos_embed)
+    images = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))  # any multiple of 8
+    a, b = loaded(images), reference(images)
+    torch.testing.assert_close(a.feats, b.feats, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.attn_logits, b.attn_logits, atol=1e-5, rtol=0)
+
+    half = export_backbone(tmp_path / "run" / CHECKPOINT, tmp_path / "half.safetensors", dtype="float16")
+    assert half.stat().st_size < path.stat().st_size * 0.6
+    torch.testing.assert_close(load_backbone("random_tiny", weights=half)(images).feats, a.feats, atol=0.05, rtol=0)
+    assert BACKBONES["random_tiny"].timm_kwargs["img_size"] == cfg.img_size
+
+
+def test_command_line(tmp_path, capsys):
+    args = [str(tmp_path / "run"), "--num-images", "8", "--image-size", "32", "--global-crop-size", "32",
+            "--local-crop-size", "16", "--num-local-crops", "1", "--global-crop-scale", "0.5,1", "--depth", "1",
+            "--out-dim", "32", "--hidden-dim", "16", "--bottleneck-dim", "8", "--batch-size", "4", "--amp", "false",
+            "--max-steps", "1", "--no-progress", "--export", str(tmp_path / "w.safetensors")]
+    hpkit.pretrain.main(args)
+    assert "1 steps" in capsys.readouterr().out and (tmp_path / "w.safetensors").is_file()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["global_crop_scale"] == [0.5, 1.0] and saved["depth"] == 1 and saved["amp"] is False
+
+
+def test_cli_pretrain_runs_and_exports(tmp_path, capsys):
+    from hpkit.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "usage: hpkit pretrain" in capsys.readouterr().out
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    out = tmp_path / "w.safetensors"
+    assert main(["pretrain", str(tmp_path / "run"), *args, "--max-steps=1", "--no-progress", f"--export={out}"]) == 0
+    assert out.is_file() and "1 steps" in capsys.readouterr().out
+    assert main(["pretrain", str(tmp_path / "bad"), "--num-images=8", "--batch-size=16", "--no-progress"]) == 2
