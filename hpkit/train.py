@@ -87,7 +87,7 @@ def photometric(images: Tensor, generator: torch.Generator, *, official: bool = 
     state = torch.get_rng_state()
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))  # v2 draws from torch RNG
     try:
-        for img in images.cpu():
+        for img in images:  # on the images' device: no round trip through the CPU on a GPU
             img = jitter(img)
             if torch.rand(()) < 0.2:
                 img = v2.functional.rgb_to_grayscale(img, num_output_channels=3)
@@ -96,7 +96,7 @@ def photometric(images: Tensor, generator: torch.Generator, *, official: bool = 
             out.append(img if official else img.clamp(0, 1))
     finally:
         torch.set_rng_state(state)
-    return torch.stack(out).to(images.device)
+    return torch.stack(out)
 
 
 class HPHeads(nn.Module):
