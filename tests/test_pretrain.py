@@ -85,7 +85,7 @@ def test_center_ema_and_schedules():
     assert cosine_schedule(10, 100, 1e-3, 1e-6, warmup=10) == pytest.approx(1e-3)
     assert cosine_schedule(100, 100, 1e-3, 1e-6, warmup=10) == pytest.approx(1e-6)
     assert cosine_schedule(0, 100, 0.996, 1.0) == 0.996 and cosine_schedule(50, 100, 0.996, 1.0) == pytest.approx(0.998)
-    cfg = PretrainConfig(warmup_teacher_temp_epochs=2)
+    cfg = PretrainConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2)
     temps = [teacher_temperature(s, 10, cfg) for s in (0, 10, 20, 30)]
     assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07])
 
