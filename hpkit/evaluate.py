@@ -118,6 +118,6 @@ def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None =
     data = build_dataset(run.cfg, "val")
     result = score(run.backbone, run.head, run.cluster, run.linear, data, crf=crf, max_images=max_images,
                    batch_size=batch_size, device=device, seed=run.cfg.train.seed)
-    result.update({"config": run.state["config"], "step": run.state["step"]})
+    result.update({"config": run.state["config"], "step": run.state["step"], "backbone": run.backbone.name})
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result

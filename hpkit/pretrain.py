@@ -79,8 +79,8 @@ from tqdm.auto import tqdm
 from .backbone import BACKBONES
 
 __all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
-           "update_center", "ema_update", "cosine_schedule", "teacher_temperature", "pretrain", "export_backbone",
-           "CHECKPOINT"]
+           "correspondence", "dense_dino_loss", "update_center", "ema_update", "cosine_schedule",
+           "teacher_temperature", "pretrain", "export_backbone", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 _TINY = BACKBONES["random_tiny"]
@@ -137,6 +137,12 @@ class PretrainConfig:
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    # Dense (patch-level) self-distillation, hpkit's addition (0 disables: plain DINO). Every student
+    # patch token predicts the teacher's patch token at the same image point in each other global
+    # crop (the crops' boxes give the correspondence), through a second DINO head with its own
+    # center; the loss adds dense_weight times this term.
+    dense_weight: float = 0.0
+    dense_out_dim: int = 1024
     momentum_teacher: float = 0.996  # cosine schedule to 1.0
     # Optimisation: AdamW, linear warm-up then cosine; lr is per 256 images (scaled by batch_size / 256).
     batch_size: int = 32
@@ -223,36 +229,50 @@ class DINOHead(nn.Module):
 
 
 class DINONet(nn.Module):
-    """ViT backbone + DINO head, applied to a list of crops.
+    """ViT backbone + DINO head (+ an optional patch head for the dense term), applied to a list of crops.
 
     Images are in [0, 1] and normalised inside with the mean/std that :class:`hpkit.FrozenViT`
     will use for this timm model. Consecutive crops of one size go through the ViT as one batch.
     """
 
-    def __init__(self, backbone: nn.Module, head: DINOHead):
+    def __init__(self, backbone: nn.Module, head: DINOHead, patch_head: DINOHead | None = None):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.patch_head = backbone, head, patch_head
         pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
         self.register_buffer("mean", torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("std", torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1),
                              persistent=False)
 
+    def tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) in [0, 1] -> CLS (B, C) and patch tokens (B, H/p, W/p, C), after the final LayerNorm."""
+        x = self.backbone.forward_features((images - self.mean) / self.std)
+        prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+        b, n, c = x.shape
+        side = int(round(math.sqrt(n - prefix)))
+        return x[:, 0], x[:, prefix:].reshape(b, side, side, c)
+
     def features(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> CLS token (B, embed_dim) after the final LayerNorm."""
-        x = (images - self.mean) / self.std
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return self.tokens(images)[0]
 
-    def forward(self, crops: Sequence[Tensor]) -> Tensor:
-        """crops: list of (B, 3, S_i, S_i) -> logits (len(crops) * B, out_dim), crop-major."""
-        feats, start = [], 0
+    def encode(self, crops: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """crops: list of (B, 3, S_i, S_i) -> CLS tokens (len(crops) * B, C), crop-major, and per crop
+        the patch tokens (B, S_i/p, S_i/p, C)."""
+        cls, patches, start = [], [], 0
         while start < len(crops):
             end = start
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            feats.append(self.features(torch.cat(list(crops[start:end]))))
+            c, p = self.tokens(torch.cat(list(crops[start:end])))
+            cls.append(c)
+            patches.extend(p.chunk(end - start))
             start = end
-        return self.head(torch.cat(feats))
+        return torch.cat(cls), patches
+
+    def forward(self, crops: Sequence[Tensor]) -> Tensor:
+        """crops: list of (B, 3, S_i, S_i) -> logits (len(crops) * B, out_dim), crop-major."""
+        return self.head(self.encode(crops)[0])
 
 
 # ------------------------------------------------------------------------------ loss and schedules
@@ -281,6 +301,64 @@ def dino_loss(student_out: Tensor, teacher_out: Tensor, center: Tensor, student_
             total = total + torch.sum(-t * F.log_softmax(s, dim=-1), dim=-1).mean()
             pairs += 1
     return total / pairs
+
+
+def correspondence(student_box: Tensor, teacher_box: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+    """Where the centres of a student crop's ``grid x grid`` patches lie in a teacher crop.
+
+    Args:
+        student_box, teacher_box: (B, 5) crop boxes from :class:`MultiCrop` (top, left, height,
+            width as fractions of the image side, flipped).
+        grid: the student crop's patch grid side.
+
+    Returns:
+        points (B, grid, grid, 2): (x, y) in the teacher crop in ``grid_sample`` coordinates
+        ([-1, 1] spans the crop, ``align_corners=False``); inside (B, grid, grid) bool: the point
+        lies in the teacher crop.
+    """
+    u = (torch.arange(grid, dtype=student_box.dtype, device=student_box.device) + 0.5) / grid  # (grid,)
+    sb, tb = student_box[:, :, None], teacher_box[:, :, None]  # (B, 5, 1)
+    col = torch.where(sb[:, 4] > 0.5, 1 - u, u)  # (B, grid) position across the unflipped student crop
+    img_y = sb[:, 0] + u * sb[:, 2]  # (B, grid) image coordinates (fractions)
+    img_x = sb[:, 1] + col * sb[:, 3]
+    ty = (img_y - tb[:, 0]) / tb[:, 2]  # (B, grid) teacher-crop coordinates in [0, 1] when inside
+    tx = (img_x - tb[:, 1]) / tb[:, 3]
+    tx = torch.where(tb[:, 4] > 0.5, 1 - tx, tx)
+    y = ty[:, :, None].expand(-1, -1, grid)
+    x = tx[:, None, :].expand(-1, grid, -1)
+    inside = (y >= 0) & (y < 1) & (x >= 0) & (x < 1)
+    return torch.stack([2 * x - 1, 2 * y - 1], dim=-1), inside
+
+
+def dense_dino_loss(student_patches: Sequence[Tensor], teacher_patches: Sequence[Tensor], boxes: Tensor,
+                    center: Tensor, student_temp: float, teacher_temp: float) -> Tensor:
+    """Patch-level DINO: each student patch predicts the teacher's patch at the same image point.
+
+    Args:
+        student_patches: per crop, (B, g_v, g_v, K) student patch logits (global crops first).
+        teacher_patches: per global crop, (B, g_t, g_t, K) teacher patch logits.
+        boxes: (n_crops, B, 5) the crops' boxes (:class:`MultiCrop` with ``boxes=True``).
+        center: (1, K) running mean of the teacher patch logits.
+
+    Returns:
+        scalar: mean over pairs (teacher global crop t, student crop v != t) of the mean over the
+        student patches whose centre lies in crop t of ``sum_k -softmax((q - c) / teacher_temp) *
+        log_softmax(s / student_temp)``, with q the teacher logits of the patch containing that point.
+    """
+    total, pairs = center.new_zeros(()), 0
+    for t, teacher in enumerate(teacher_patches):
+        target = F.softmax((teacher - center) / teacher_temp, dim=-1).detach().permute(0, 3, 1, 2)  # (B, K, g, g)
+        for v, student in enumerate(student_patches):
+            if v == t:
+                continue
+            points, inside = correspondence(boxes[v], boxes[t], student.shape[1])
+            if not inside.any():
+                continue
+            q = F.grid_sample(target, points.to(target.dtype), mode="nearest", align_corners=False)
+            ce = torch.sum(-q.permute(0, 2, 3, 1) * F.log_softmax(student / student_temp, dim=-1), dim=-1)
+            total = total + ce[inside].mean()
+            pairs += 1
+    return total / max(pairs, 1)
 
 
 @torch.no_grad()
@@ -379,12 +457,15 @@ class MultiCrop:
         return x
 
     def view(self, image: Tensor, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
-             g: torch.Generator) -> Tensor:
-        """One augmented crop (3, size, size) of ``image`` (3, H, W) in [0, 1]."""
+             g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One augmented crop (3, size, size) of ``image`` (3, H, W) in [0, 1], and its box (5,):
+        top, left, height, width as fractions of the image side, and 1.0 if flipped (else 0.0)."""
         cfg = self.cfg
-        top, left, h, w = _crop_box(image.shape[-2], image.shape[-1], scale, g)
+        height, width = image.shape[-2:]
+        top, left, h, w = _crop_box(height, width, scale, g)
         x = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True).clamp_(0, 1)
-        if _uniform(g) < 0.5:
+        flip = _uniform(g) < 0.5
+        if flip:
             x = TF.horizontal_flip(x)
         if _uniform(g) < cfg.jitter_p:
             x = self._jitter(x, g)
@@ -395,10 +476,14 @@ class MultiCrop:
             x = TF.gaussian_blur(x, [self.blur_kernel, self.blur_kernel], [sigma, sigma])
         if _uniform(g) < solarize_p:
             x = TF.solarize(x, 0.5)
-        return x
+        return x, torch.tensor([top / height, left / width, h / height, w / width, float(flip)])
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> list[Tensor]:
-        """images (B, 3, H, W) in [0, 1] -> [global 1, global 2, local 1, ...], each (B, 3, S, S)."""
+    def __call__(self, images: Tensor, generator: torch.Generator, *, boxes: bool = False
+                 ) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+        """images (B, 3, H, W) in [0, 1] -> [global 1, global 2, local 1, ...], each (B, 3, S, S).
+
+        With ``boxes=True`` also the crop boxes (n_crops, B, 5) (see :meth:`view`); the crops are
+        the same either way."""
         cfg = self.cfg
         kinds = [(cfg.global_crop_size, cfg.global_crop_scale, cfg.blur_p[0], 0.0),
                  (cfg.global_crop_size, cfg.global_crop_scale, cfg.blur_p[1], cfg.solarize_p)]
@@ -407,10 +492,14 @@ class MultiCrop:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # hundreds of tiny ops: thread start-up costs more than it saves (10x on 2 cores)
         try:
-            return [torch.stack([self.view(img, size, scale, blur, sol, generator) for img in images])
-                    for size, scale, blur, sol in kinds]
+            views = [[self.view(img, size, scale, blur, sol, generator) for img in images]
+                     for size, scale, blur, sol in kinds]
         finally:
             torch.set_num_threads(threads)
+        crops = [torch.stack([x for x, _ in kind]) for kind in views]
+        if not boxes:
+            return crops
+        return crops, torch.stack([torch.stack([box for _, box in kind]) for kind in views])
 
 
 # --------------------------------------------------------------------------------- run helpers
@@ -523,11 +612,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the caller's global RNG is left as it was
         torch.manual_seed(cfg.seed)
-        student = DINONet(build_vit(cfg), DINOHead(cfg.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                                                   cfg.norm_last_layer)).to(device)
-        teacher = DINONet(build_vit(cfg, drop_path_rate=0.0),
-                          DINOHead(cfg.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                                   cfg.norm_last_layer)).to(device)
+        dense = cfg.dense_weight > 0
+
+        def heads() -> tuple[DINOHead, DINOHead | None]:
+            head = DINOHead(cfg.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer)
+            patch_head = (DINOHead(cfg.embed_dim, cfg.dense_out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                                   cfg.norm_last_layer) if dense else None)
+            return head, patch_head
+
+        student = DINONet(build_vit(cfg), *heads()).to(device)
+        teacher = DINONet(build_vit(cfg, drop_path_rate=0.0), *heads()).to(device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False).eval()
         # DINO's parameter groups: no weight decay on biases and norm parameters (1-d tensors).
@@ -537,7 +631,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
              {"params": [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")], "decay": False,
               "weight_decay": 0.0}], lr=0.0)
         last_layer = list(student.head.last_layer.parameters())
+        if dense:
+            last_layer += list(student.patch_head.last_layer.parameters())
         center = torch.zeros(1, cfg.out_dim, device=device)
+        patch_center = torch.zeros(1, cfg.dense_out_dim, device=device)
         step, history, seconds = 0, [], 0.0
         if resume:
             if not ckpt_path.is_file():
@@ -552,13 +649,14 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             teacher.load_state_dict(state["teacher"])
             optimizer.load_state_dict(state["optimizer"])
             center = state["center"].to(device)
+            patch_center = state.get("patch_center", patch_center).to(device)
             step, history, seconds = state["step"], state["history"], state["seconds"]
             torch.set_rng_state(state["rng"])
         (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
 
         def checkpoint() -> None:
             state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                     "optimizer": optimizer.state_dict(), "center": center, "step": step, "history": history,
+                     "optimizer": optimizer.state_dict(), "center": center, "patch_center": patch_center, "step": step, "history": history,
                      "seconds": seconds, "steps_per_epoch": steps_per_epoch, "rng": torch.get_rng_state(),
                      "config": _config_dict(cfg)}
             _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
@@ -592,12 +690,23 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                                 group["weight_decay"] = wd
                         # Forward: teacher on the 2 global crops, student on all crops.
                         torch.manual_seed(_seed(cfg.seed, 2, step))  # stochastic depth, if any
-                        crops = [c.to(device, non_blocking=True) for c in crop(images, _generator(cfg.seed, 1, step))]
+                        crops, boxes = crop(images, _generator(cfg.seed, 1, step), boxes=True)
+                        crops = [c.to(device, non_blocking=True) for c in crops]
                         with amp:
                             with torch.no_grad():
-                                t_out = teacher(crops[:2]).float()
-                            s_out = student(crops).float()
+                                t_cls, t_patches = teacher.encode(crops[:2])
+                                t_out = teacher.head(t_cls).float()
+                            s_cls, s_patches = student.encode(crops)
+                            s_out = student.head(s_cls).float()
+                            if dense:
+                                with torch.no_grad():
+                                    t_dense = [teacher.patch_head(p).float() for p in t_patches]
+                                s_dense = [student.patch_head(p).float() for p in s_patches]
                         loss = dino_loss(s_out, t_out, center, cfg.student_temp, t_temp)
+                        if dense:
+                            dense_value = dense_dino_loss(s_dense, t_dense, boxes.to(device), patch_center,
+                                                          cfg.student_temp, t_temp)
+                            loss = loss + cfg.dense_weight * dense_value
                         value = loss.item()
                         if not math.isfinite(value):
                             raise PretrainingDiverged(
@@ -620,11 +729,15 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                             probs = F.softmax((t_out - center) / t_temp, dim=-1)
                             entropy = float(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean())
                         center = update_center(center, t_out, cfg.center_momentum)
+                        if dense:
+                            patch_center = update_center(
+                                patch_center, torch.cat([p.flatten(0, 2) for p in t_dense]), cfg.center_momentum)
                         step += 1
                         took = time.perf_counter() - started
                         seconds += took
                         history.append({"step": step, "epoch": epoch, "loss": value, "lr": lr, "weight_decay": wd,
                                         "teacher_temp": t_temp, "momentum": momentum, "teacher_entropy": entropy,
+                                        "dense_loss": dense_value.item() if dense else None,
                                         "grad_norm": float(grad_norm), "seconds": took})
                         updating = False
                         if step % cfg.checkpoint_every == 0 and step < stop:

@@ -27,6 +27,7 @@ def test_train_then_eval_json(tmp_path):
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["images"] == 4 and 0 <= metrics["cluster"]["pixel_accuracy"] <= 1
     assert metrics["config"]["data"]["num_train"] == 24 and metrics["step"] == 3  # the resolved config travels
+    assert metrics["backbone"] == "random_tiny"
     for name in ("history.png", "confusion_cluster.png", "confusion_linear.png"):
         assert (tmp_path / name).stat().st_size > 1000
     result = hpkit("eval", str(tmp_path))

@@ -11,8 +11,9 @@ from torch import nn
 
 import hpkit.pretrain
 from hpkit import BACKBONES, FrozenViT, load_backbone
-from hpkit.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, cosine_schedule,
-                            dino_loss, ema_update, export_backbone, pretrain, teacher_temperature, update_center)
+from hpkit.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, correspondence,
+                            cosine_schedule, dense_dino_loss, dino_loss, ema_update, export_backbone, pretrain,
+                            teacher_temperature, update_center)
 
 # 8 scenes of 32 px, 2 steps per epoch, 2 epochs: covers the frozen last layer (epoch 0), warm-ups and an epoch change.
 TINY = dict(num_images=8, image_size=32, global_crop_size=32, local_crop_size=16, num_local_crops=2, depth=2,
@@ -108,6 +109,52 @@ def test_defaults_are_random_tiny_and_crops_are_valid():
     other = crop(images, torch.Generator().manual_seed(2))
     assert all(torch.equal(a, b) for a, b in zip(crops, again))
     assert not torch.equal(crops[0], other[0])
+
+
+def test_correspondence_by_hand_and_on_real_crops():
+    # Student = left half of the image, teacher = the whole image flipped: 2 x 2 student patches.
+    points, inside = correspondence(torch.tensor([[0.0, 0.0, 1.0, 0.5, 0.0]]),
+                                    torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0]]), 2)
+    # Student patch centres at x = 0.125, 0.375 of the image -> flipped teacher x = 0.875, 0.625 -> 0.75, 0.25.
+    assert torch.allclose(points[0, 0], torch.tensor([[0.75, -0.5], [0.25, -0.5]]))
+    assert torch.allclose(points[0, 1], torch.tensor([[0.75, 0.5], [0.25, 0.5]]))
+    assert inside.all()
+    # A student box sticking out of the teacher box: only the overlapping half is inside.
+    _, inside = correspondence(torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.0]]), torch.tensor([[0.0, 0.0, 0.5, 0.75, 0.0]]), 4)
+    assert inside[0].tolist() == [[True, True, False, False]] * 4
+
+    # Real crops (no photometric change): sampling the teacher crop at the student's pixel centres
+    # reproduces the student crop wherever they overlap.
+    cfg = PretrainConfig(jitter_p=0, grayscale_p=0, blur_p=(0, 0, 0), solarize_p=0)
+    image = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                            size=64, mode="bilinear")
+    crops, boxes = MultiCrop(cfg)(image, torch.Generator().manual_seed(3), boxes=True)
+    assert boxes.shape == (6, 2, 5) and all(torch.equal(a, b) for a, b in
+                                            zip(crops, MultiCrop(cfg)(image, torch.Generator().manual_seed(3))))
+    points, inside = correspondence(boxes[2], boxes[0], 48)
+    sampled = torch.nn.functional.grid_sample(crops[0], points, mode="bilinear", align_corners=False)
+    assert inside.float().mean() > 0.3
+    assert (sampled - crops[2]).abs().mean(1)[inside].mean() < 0.01 < (crops[0][:, :, :48, :48] - crops[2]).abs().mean()
+
+
+def test_dense_dino_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    student = [torch.randn(1, 2, 2, 5, generator=g) for _ in range(2)]
+    teacher = [torch.randn(1, 2, 2, 5, generator=g) for _ in range(2)]
+    center = torch.randn(1, 5, generator=g)
+    # Crop 0 = the whole image; crop 1 = its left 60 % (flipped): the centres of crop 1's patches lie
+    # at image x = 0.45 and 0.15 -> column 0 of crop 0; crop 0's centres at x = 0.25 (crop 1 x = 0.42,
+    # flipped 0.58 -> column 1) and 0.75 (outside crop 1).
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0, 0.6, 1.0]]])
+    loss = dense_dino_loss(student, teacher, boxes, center, 0.1, 0.04)
+
+    def ce(t, s):
+        return -(torch.softmax((t - center[0]) / 0.04, -1) * torch.log_softmax(s / 0.1, -1)).sum()
+    # teacher 0 -> student 1: all 4 student patches inside, each maps to (i, 0) of teacher 0.
+    a = sum(ce(teacher[0][0, i, 0], student[1][0, i, j]) for i in range(2) for j in range(2)) / 4
+    # teacher 1 -> student 0: student patches (i, 0) map to teacher 1 column 1; (i, 1) are outside.
+    b = sum(ce(teacher[1][0, i, 1], student[0][0, i, 0]) for i in range(2)) / 2
+    assert torch.allclose(loss, (a + b) / 2, atol=1e-5)
 
 
 def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):

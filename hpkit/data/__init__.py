@@ -9,6 +9,7 @@ Every dataset yields ``(image (3, S, S) float32 in [0, 1], label (S, S) int64, -
   module's docstring); COCO-Stuff and Cityscapes train on five-crop copies made by :func:`five_crop`.
 - :func:`download`, :func:`check_layout`, :data:`DATASETS`: sources, a resumable download and a check
   that a dataset folder is complete.
+- :func:`build_dataset`: the split a configuration names (``cfg.data``).
 """
 
 from .cityscapes import CITYSCAPES_CLASS_NAMES, CITYSCAPES_COLORS, Cityscapes27
@@ -17,8 +18,10 @@ from .folder import IMAGE_EXTENSIONS, ImageFolder, load_rgb
 from .potsdam import POTSDAM_CLASS_NAMES, POTSDAM_COLORS, Potsdam3
 from .prepare import DATASETS, DatasetInfo, check_layout, dataset_info, download, five_crop
 from .synthetic import CLASS_COLORS, CLASS_NAMES, SyntheticScenes, render_scene
+from .build import DATASET_NAMES, build_dataset  # noqa: E402 - needs the classes above
 
 __all__ = ["SyntheticScenes", "render_scene", "CLASS_NAMES", "CLASS_COLORS", "ImageFolder", "load_rgb",
            "IMAGE_EXTENSIONS", "CocoStuff27", "FINE_TO_COARSE", "COCO_CLASS_NAMES", "COCO_COLORS", "Cityscapes27",
            "CITYSCAPES_CLASS_NAMES", "CITYSCAPES_COLORS", "Potsdam3", "POTSDAM_CLASS_NAMES", "POTSDAM_COLORS",
-           "five_crop", "check_layout", "download", "DATASETS", "DatasetInfo", "dataset_info"]
+           "five_crop", "check_layout", "download", "DATASETS", "DatasetInfo", "dataset_info", "build_dataset",
+           "DATASET_NAMES"]

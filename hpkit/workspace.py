@@ -1,0 +1,99 @@
+"""The notebooks' shared workspace: expensive results computed once, kept on disk and reused.
+
+A lesson that needs a trained HP model calls :func:`trained_run`; the first notebook that asks
+trains it (minutes on a CPU with the demo preset), every later one, and every re-run, loads it.
+Runs are keyed by their resolved configuration *and* the backbone that ``model.backbone``
+resolves to on this machine (``auto`` means DINO ViT-S/8 where its weights are present, the
+bundled tiny model otherwise), so changing a parameter trains a new run instead of reusing a
+wrong one. A run that was interrupted resumes from its last checkpoint.
+
+The workspace folder is ``$HPKIT_WORKSPACE`` if set, else ``runs/notebooks`` in the repository
+(when writable), else ``~/.cache/hpkit/notebooks``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .checkpoint import CHECKPOINT
+from .config import Config, dumps, get_config, override
+
+__all__ = ["workspace_dir", "notebook_config", "trained_run"]
+
+_DONE = "done.json"
+
+
+def workspace_dir(path: str | Path | None = None) -> Path:
+    """The workspace folder (created): ``path``, ``$HPKIT_WORKSPACE``, ``<repo>/runs/notebooks`` or ``~/.cache``."""
+    if path is None and os.environ.get("HPKIT_WORKSPACE"):
+        path = os.environ["HPKIT_WORKSPACE"]
+    if path is None:
+        repo = Path(__file__).resolve().parents[1]
+        path = repo / "runs" / "notebooks" if os.access(repo, os.W_OK) else Path.home() / ".cache/hpkit/notebooks"
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def notebook_config(*, preset: str = "demo", backbone: str = "auto", dataset: str | None = None,
+                    root: str | None = None, device: str = "cpu", seed: int = 0,
+                    overrides: Mapping[str, object] | Iterable[str] = ()) -> Config:
+    """The configuration of a notebook's parameters cell: a preset plus the usual knobs.
+
+    ``dataset=None`` keeps the preset's dataset; ``overrides`` are ``"section.key=value"`` strings or
+    a mapping, applied last (see :func:`hpkit.config.override`).
+    """
+    changes: dict[str, object] = {"model.backbone": backbone, "train.device": device, "train.seed": seed}
+    if dataset is not None:
+        changes["data.dataset"] = dataset
+    if root is not None:
+        changes["data.root"] = root
+    cfg = get_config(preset, changes)
+    return override(cfg, overrides) if overrides else cfg
+
+
+def _resolved_backbone(cfg: Config) -> str:
+    """What ``cfg.model.backbone`` loads on this machine (a name, plus the weights file if one is given)."""
+    from .backbone import load_backbone
+
+    name = cfg.model.backbone
+    if name == "auto" and cfg.model.weights is None:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # the one-line notice is printed by training itself
+            name = load_backbone("auto").name
+    return f"{name}:{cfg.model.weights}" if cfg.model.weights else name
+
+
+def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: int | None = None,
+                progress: bool = False) -> Path:
+    """Train ``cfg`` once and return its run folder (``checkpoint.pt``, ``config.json``, ``history.json``).
+
+    Args:
+        cfg: the configuration (e.g. :func:`notebook_config`).
+        workspace: the workspace folder (default :func:`workspace_dir`).
+        max_steps: stop after this many steps (part of the key: a shorter run is a different run).
+        progress: show the training progress bar.
+
+    Returns:
+        the run folder, ``<workspace>/<dataset>-<backbone>-<key>``; reused when it already holds a
+        finished run of the same configuration, resumed when it holds an interrupted one.
+    """
+    from .train import train
+
+    backbone = _resolved_backbone(cfg)
+    text = json.dumps({"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps}, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:10]
+    run = workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}"
+    if (run / _DONE).is_file():
+        return run
+    train(cfg, run, resume=(run / CHECKPOINT).is_file(), max_steps=max_steps, progress=progress)
+    tmp = run / (_DONE + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, run / _DONE)
+    return run

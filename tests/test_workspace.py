@@ -1,0 +1,53 @@
+"""The notebooks' workspace: a run is trained once per configuration and backbone, then reused."""
+
+import json
+
+import pytest
+
+from hpkit.workspace import notebook_config, trained_run, workspace_dir
+
+SMALL = {"model.backbone": "random_tiny", "data.image_size": 32, "data.val_size": 32, "data.num_train": 8,
+         "data.num_val": 2, "data.batch_size": 4, "model.dim": 16, "loss.pool_size": 8, "train.epochs": 1,
+         "train.val_every": 0, "train.cache_features": False}
+
+
+def test_workspace_dir_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPKIT_WORKSPACE", str(tmp_path / "env"))
+    assert workspace_dir() == tmp_path / "env" and (tmp_path / "env").is_dir()
+    assert workspace_dir(tmp_path / "given") == tmp_path / "given"
+
+
+def test_notebook_config_maps_the_parameters():
+    cfg = notebook_config(backbone="random_tiny", seed=3, device="cpu", overrides={"loss.tau": 0.5})
+    assert (cfg.model.backbone, cfg.train.seed, cfg.loss.tau, cfg.data.dataset) == ("random_tiny", 3, 0.5, "synthetic")
+    cfg = notebook_config(preset="cocostuff27", dataset="cocostuff27", root="/data/coco", device="cuda")
+    assert (cfg.data.root, cfg.train.device, cfg.model.backbone) == ("/data/coco", "cuda", "auto")
+
+
+def test_trained_once_then_reused_and_keyed_by_config(tmp_path, monkeypatch):
+    import hpkit.train
+
+    calls = []
+    real = hpkit.train.train
+
+    def counting(cfg, out, **kwargs):
+        calls.append((out, kwargs["resume"]))
+        return real(cfg, out, **kwargs)
+
+    monkeypatch.setattr(hpkit.train, "train", counting)
+    cfg = notebook_config(overrides=SMALL)
+    run = trained_run(cfg, workspace=tmp_path)
+    assert run.parent == tmp_path and run.name.startswith("synthetic-random_tiny-")
+    assert (run / "checkpoint.pt").is_file() and json.loads((run / "done.json").read_text())["max_steps"] is None
+    assert trained_run(cfg, workspace=tmp_path) == run and len(calls) == 1  # reused, not retrained
+    other = trained_run(notebook_config(overrides={**SMALL, "loss.tau": 0.5}), workspace=tmp_path)
+    assert other != run and len(calls) == 2
+    # An interrupted run (checkpoint, no done.json) is resumed.
+    (other / "done.json").unlink()
+    assert trained_run(notebook_config(overrides={**SMALL, "loss.tau": 0.5}), workspace=tmp_path) == other
+    assert calls[-1] == (other, True)
+
+
+def test_bad_preset_is_named():
+    with pytest.raises(ValueError, match="unknown preset"):
+        notebook_config(preset="imagenet")
