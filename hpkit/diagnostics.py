@@ -34,9 +34,9 @@ def extract(backbone: FrozenViT, data: Dataset, *, max_images: int | None = None
     count = len(data) if max_images is None else min(max_images, len(data))
     out: dict[str, list[Tensor]] = {"feats": [], "labels": [], "attn": []}
     for images, labels in DataLoader(torch.utils.data.Subset(data, range(count)), batch_size=batch_size):
-        feats, attn = backbone(images, attention=attention)
+        feats, attn = backbone(images.to(backbone.mean.device), attention=attention)
         out["feats"].append(feats)
-        out["labels"].append(labels)
+        out["labels"].append(labels.to(feats.device))
         if attention:
             out["attn"].append(attn)
     return {k: torch.cat(v) for k, v in out.items() if v}
