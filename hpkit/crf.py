@@ -12,6 +12,7 @@ and STEGO's evaluations that hung for hours in a pool).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import multiprocessing
 import os
@@ -98,8 +99,9 @@ def crf_batch(images: Tensor, scores: Tensor, *, workers: int | None = None, tim
     Args:
         images: (B, 3, H, W) in [0, 1].
         scores: (B, C, h, w) logits or log-probabilities.
-        workers: processes (``None``: the CPU count for 8 or more images, else serial, since starting
-            a pool costs seconds; 0 or 1: serial in this process).
+        workers: processes (``None``: the CPU count for 8 or more images, else serial; 0 or 1:
+            serial in this process). The pool is started once (seconds: each worker imports
+            torch) and kept for later calls with the same number of workers.
         timeout: seconds allowed per image before the pool is abandoned.
 
     Returns:
@@ -112,21 +114,38 @@ def crf_batch(images: Tensor, scores: Tensor, *, workers: int | None = None, tim
     if workers is None:
         workers = min(os.cpu_count() or 1, len(jobs)) if len(jobs) >= 8 else 1
     if workers > 1:
-        # No `with`: leaving a `with` block waits for the workers, which is how pools hang.
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = _pool(workers)
         try:
             futures = [pool.submit(_refine, rgb, probs) for rgb, probs in jobs]
             for i, future in enumerate(futures):
                 results[i] = future.result(timeout=timeout)
-            pool.shutdown(wait=True)
         except (cf.TimeoutError, cf.process.BrokenProcessPool, OSError, RuntimeError) as err:
             warnings.warn(f"CRF process pool failed ({type(err).__name__}); refining the remaining images "
                           "serially", stacklevel=2)
+            _POOLS.pop(workers, None)
             _abandon(pool)
     for i, (rgb, probs) in enumerate(jobs):
         if results[i] is None:
             results[i] = _refine(rgb, probs)
     return torch.from_numpy(np.stack([r.argmax(0) for r in results])).long()
+
+
+_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    """The shared pool of ``workers`` spawned processes (started on first use, closed at exit)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        if len(_POOLS) == 1:
+            atexit.register(_close_pools)
+    return _POOLS[workers]
+
+
+def _close_pools() -> None:
+    for pool in list(_POOLS.values()):
+        _abandon(pool)
+    _POOLS.clear()
 
 
 def _abandon(pool: cf.ProcessPoolExecutor) -> None:

@@ -34,6 +34,11 @@ Where hpkit differs from the official DINO code (all configurable, see :class:`P
   ln(out_dim) with a near-uniform teacher, the milder one let it fall (7.4 vs 8.2 at step 400);
   solarization (p 0.2 on the second global crop) keeps edges and stays;
 - gradients are clipped by their total norm (``clip_grad_norm_``), not per parameter;
+- optional dense term (``dense_weight > 0``; off by default, so the default is plain DINO): every
+  student patch token predicts, through a second DINO head with its own center, the teacher's patch
+  token at the same image point in each other global crop (:func:`correspondence` maps patch centres
+  between crops from their boxes; :func:`dense_dino_loss`). In 50-200-step CPU trials it did not
+  beat the random backbone either (README, *Status*);
 - the teacher temperature is 0.04 throughout (DINO's default for ViT-S/16, 100 epochs); DINO's
   0.04 -> 0.07 warm-up over 30 epochs (``warmup_teacher_temp_epochs``) is meant for long runs: in a
   300-step trial it drove the teacher towards the uniform distribution.

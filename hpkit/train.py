@@ -89,6 +89,8 @@ def photometric(images: Tensor, generator: torch.Generator, *, official: bool = 
     try:
         for img in images:  # on the images' device: no round trip through the CPU on a GPU
             img = jitter(img)
+            if official:  # hue on out-of-range values divides 0 by 0 where a pixel's max channel is exactly 0
+                img = torch.nan_to_num(img, nan=0.0)
             if torch.rand(()) < 0.2:
                 img = v2.functional.rgb_to_grayscale(img, num_output_channels=3)
             if torch.rand(()) < 0.5:

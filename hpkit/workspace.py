@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 from .checkpoint import CHECKPOINT
 from .config import Config, dumps, get_config, override
 
-__all__ = ["workspace_dir", "notebook_config", "trained_run"]
+__all__ = ["workspace_dir", "notebook_config", "resolved_backbone", "trained_run"]
 
 _DONE = "done.json"
 
@@ -56,7 +56,7 @@ def notebook_config(*, preset: str = "demo", backbone: str = "auto", dataset: st
     return override(cfg, overrides) if overrides else cfg
 
 
-def _resolved_backbone(cfg: Config) -> str:
+def resolved_backbone(cfg: Config) -> str:
     """What ``cfg.model.backbone`` loads on this machine (a name, plus the weights file if one is given)."""
     from .backbone import load_backbone
 
@@ -86,7 +86,7 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
     """
     from .train import train
 
-    backbone = _resolved_backbone(cfg)
+    backbone = resolved_backbone(cfg)
     text = json.dumps({"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps}, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:10]
     run = workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}"

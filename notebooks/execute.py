@@ -22,7 +22,16 @@ HERE = Path(__file__).resolve().parent
 MAX_BYTES = 2 * 2**20
 
 #: Small parameters for CI (``--small``): papermill injects them after each notebook's parameters cell.
-SMALL: dict[str, dict[str, object]] = {}
+SMALL: dict[str, dict[str, object]] = {
+    "00_quickstart": {"crf": False},
+    "01_reference_pool": {"batch_size": 4, "pool_size": 64, "pool_sizes": "2,8,64"},
+    "02_global_hidden_positives": {"batch_size": 4, "pool_size": 64, "num_anchors": 1},
+    "03_local_hidden_positives": {"num_images": 4},
+    "04_training": {"max_images": 8, "num_examples": 1, "official": False},
+    "05_ablations": {"seeds": [0], "steps": 8, "num_train": 32, "image_size": 32, "max_images": 4,
+                     "base_pool_size": 16, "pool_sizes": [8, 16], "taus": [0.6, 0.9], "cost_steps": 2,
+                     "cost_image_size": 32},
+}
 
 
 def notebooks(selected: list[str]) -> list[Path]:

@@ -43,9 +43,11 @@ def test_pool_equals_serial_and_timeouts_fall_back(monkeypatch):
     serial = crf.crf_batch(images, scores, workers=1)
     assert serial.shape == (3, 32, 32)
     assert torch.equal(crf.crf_batch(images, scores, workers=2), serial)
+    pool = crf._POOLS[2]
+    assert torch.equal(crf.crf_batch(images, scores, workers=2), serial) and crf._POOLS[2] is pool  # reused
     with pytest.warns(UserWarning, match="refining the remaining images serially"):
         fallback = crf.crf_batch(images, scores, workers=2, timeout=1e-4)  # every wait times out
-    assert torch.equal(fallback, serial)
+    assert torch.equal(fallback, serial) and 2 not in crf._POOLS  # a failed pool is dropped, not reused
 
 
 def test_missing_package_is_a_clear_error(monkeypatch):

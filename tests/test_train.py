@@ -131,6 +131,13 @@ def test_official_augmentation_reproduces_the_clamp():
     # the normalised input spans about [-2.1, 2.6]; the jitter clamps it to [0, 1] (D12): many exact zeros
     assert 0 <= official.min() and official.max() <= 1 and (official == 0).float().mean() > 0.15
     assert (ours == 0).float().mean() < 0.01
+    # A pixel whose largest normalised channel is exactly 0 made torchvision's hue step divide 0 by 0
+    # (NaN, then spread by the blur): the official view must stay finite for every draw.
+    dark = torch.zeros(1, 3, 8, 8)
+    dark[:, 0], dark[:, 1], dark[:, 2] = 0.485, 0.3, 0.2  # red normalises to exactly 0, the others below
+    for seed in range(24):  # the jitter's op order is random: hue comes first in about a quarter of draws
+        view = photometric(dark, torch.Generator().manual_seed(seed), official=True, mean=mean, std=std)
+        assert torch.isfinite(view).all(), seed
 
 
 def test_unlabelled_folder_trains_and_sizes_are_checked(tmp_path):
