@@ -24,7 +24,7 @@ STUFF = (0, 1, 2, 3, 4)
 THINGS = (5, 6, 7, 8)
 CLASS_COLORS = np.array([  # a palette for label maps (not the texture colours)
     [70, 130, 180], [34, 139, 34], [0, 0, 142], [150, 100, 100], [210, 180, 140],
-    [220, 20, 60], [107, 142, 35], [255, 255, 255], [255, 165, 0]], dtype=np.uint8)
+    [220, 20, 60], [107, 142, 35], [140, 70, 190], [255, 165, 0]], dtype=np.uint8)
 
 # Base colours (RGB in [0, 1]) of each class's texture; jittered per image. Ranges overlap on purpose.
 _BASE = {
