@@ -257,10 +257,6 @@ class DINONet(nn.Module):
         side = int(round(math.sqrt(n - prefix)))
         return x[:, 0], x[:, prefix:].reshape(b, side, side, c)
 
-    def features(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> CLS token (B, embed_dim) after the final LayerNorm."""
-        return self.tokens(images)[0]
-
     def encode(self, crops: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """crops: list of (B, 3, S_i, S_i) -> CLS tokens (len(crops) * B, C), crop-major, and per crop
         the patch tokens (B, S_i/p, S_i/p, C)."""
