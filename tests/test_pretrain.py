@@ -12,8 +12,8 @@ from torch import nn
 import hpkit.pretrain
 from hpkit import BACKBONES, FrozenViT, load_backbone
 from hpkit.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, correspondence,
-                            cosine_schedule, dense_dino_loss, dino_loss, ema_update, export_backbone, pretrain,
-                            teacher_temperature, update_center)
+                            cosine_schedule, dense_dino_loss, dense_vicreg_loss, dino_loss, ema_update, export_backbone,
+                            neighbour_points, pretrain, teacher_temperature, update_center, vicreg_terms)
 
 # 8 scenes of 32 px, 2 steps per epoch, 2 epochs: covers the frozen last layer (epoch 0), warm-ups and an epoch change.
 TINY = dict(num_images=8, image_size=32, global_crop_size=32, local_crop_size=16, num_local_crops=2, depth=2,
@@ -155,6 +155,60 @@ def test_dense_dino_loss_matches_hand_computation():
     # teacher 1 -> student 0: student patches (i, 0) map to teacher 1 column 1; (i, 1) are outside.
     b = sum(ce(teacher[1][0, i, 1], student[0][0, i, 0]) for i in range(2)) / 2
     assert torch.allclose(loss, (a + b) / 2, atol=1e-5)
+
+
+def test_vicreg_terms_match_hand_computation():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 2.0], [1.0, 1.0]])
+    inv, var, cov = vicreg_terms(a, b)
+    # Mean squared difference: (0 + 1 + 0 + 0 + 4 + 0) / 6.
+    assert inv.item() == pytest.approx(5 / 6)
+    # Unbiased variances: a (7/3, 1), b (1/3, 1/3); relu(1 - sqrt(v + 1e-4)) per dimension, mean per tensor.
+    hinge = [max(0.0, 1 - math.sqrt(v + 1e-4)) for v in (7 / 3, 1.0, 1 / 3, 1 / 3)]
+    assert var.item() == pytest.approx((hinge[0] + hinge[1]) / 2 + (hinge[2] + hinge[3]) / 2, abs=1e-6)
+    # Covariances: a: sum((x - 4/3)(y - 1)) / 2 = -1/2; b: sum((x - 2/3)(y - 4/3)) / 2 = -1/3.
+    # Each tensor adds its 2 off-diagonal entries squared, divided by D = 2.
+    assert cov.item() == pytest.approx(2 * (1 / 4) / 2 + 2 * (1 / 9) / 2, abs=1e-6)
+
+
+def test_neighbour_points_stay_in_the_ring():
+    points = torch.zeros(2, 4, 4, 2)  # every point at the crop centre; the crop has 4 patches a side
+    moved, inside = neighbour_points(points, 4, (1.0, 3.0), torch.Generator().manual_seed(0))
+    dist = moved.norm(dim=-1) * 4 / 2  # grid_sample units -> patches
+    assert dist.min() >= 1 - 1e-5 and dist.max() <= 3 + 1e-5
+    assert torch.equal(inside, (moved.abs() < 1).all(-1)) and 0 < inside.float().mean() < 1
+    same, _ = neighbour_points(points, 4, (0.0, 0.0), torch.Generator().manual_seed(0))
+    assert torch.equal(same, points)
+
+
+def test_dense_vicreg_loss_matches_an_explicit_pairing():
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(2, 3, 3, 4, generator=g) for _ in range(2)]
+    # The same box, the second crop flipped: patch (i, j) of one crop is patch (i, 2 - j) of the other.
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0, 0.0]] * 2, [[0.0, 0.0, 1.0, 1.0, 1.0]] * 2])
+    loss = dense_vicreg_loss(z, boxes, (0.0, 0.0), (25.0, 25.0, 1.0), torch.Generator().manual_seed(1))
+    mirror = [zi.flip(2) for zi in z]
+    within = sum(torch.relu(1 - torch.sqrt(zi.reshape(2, 9, 4).var(1) + 1e-4)).mean() for zi in z) / 2
+    expected = 25 * within
+    for v, t in ((0, 1), (1, 0)):
+        inv, var, cov = vicreg_terms(z[v].reshape(-1, 4), mirror[t].reshape(-1, 4))
+        expected = expected + (25 * inv + 25 * var + cov) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Features that are one code per image pay the within-image variance term in full.
+    flat = [zi.mean((1, 2), keepdim=True).expand_as(zi).contiguous() for zi in z]
+    worse = dense_vicreg_loss(flat, boxes, (0.0, 0.0), (0.0, 1.0, 0.0), torch.Generator().manual_seed(1))
+    assert worse.item() >= 1.0 - 1e-2
+
+
+def test_vicreg_dense_objective_trains_and_resumes(tmp_path):
+    cfg = PretrainConfig(**TINY | dict(dense_weight=1.0, dense_objective="vicreg", expander_dim=32))
+    full = pretrain(cfg, tmp_path / "full", max_steps=3, progress=False)
+    assert all(math.isfinite(h["dense_loss"]) and h["dense_loss"] > 0 for h in full["history"])
+    pretrain(cfg, tmp_path / "split", max_steps=1, progress=False)
+    resumed = pretrain(cfg, tmp_path / "split", max_steps=3, progress=False, resume=True)
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
+    with pytest.raises(ValueError, match="dense_objective must be"):
+        PretrainConfig(dense_objective="mae")
 
 
 def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
