@@ -742,8 +742,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             if not ckpt_path.is_file():
                 raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
             state = torch.load(ckpt_path, map_location=device, weights_only=True)
-            changed = {k: (v, state["config"].get(k)) for k, v in _config_dict(cfg).items()
-                       if k not in _RUN_ONLY and state["config"].get(k) != v}
+            # A setting the checkpoint does not record (added to hpkit later) had its default then.
+            before = _config_dict(PretrainConfig()) | state["config"]
+            changed = {k: (v, before.get(k)) for k, v in _config_dict(cfg).items()
+                       if k not in _RUN_ONLY and before.get(k) != v}
             if changed:
                 raise ValueError("cannot resume with a different configuration; changed (now, before): "
                                  + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in changed.items()))

@@ -246,6 +246,11 @@ def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
     resumed = pretrain(cfg, tmp_path / "ctrl_c", max_steps=4, progress=False, resume=True)
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
 
+    # A checkpoint from before a setting existed resumes when that setting has its default.
+    state = load(tmp_path / "full" / CHECKPOINT)
+    del state["config"]["dense_objective"]
+    torch.save(state, tmp_path / "full" / CHECKPOINT)
+    assert pretrain(cfg, tmp_path / "full", max_steps=4, progress=False, resume=True)["steps"] == 4
     with pytest.raises(ValueError, match="different configuration.*out_dim"):
         pretrain(PretrainConfig(**TINY | {"out_dim": 32}), tmp_path / "full", resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
