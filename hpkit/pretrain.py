@@ -408,6 +408,11 @@ def neighbour_points(points: Tensor, grid: int, radius: tuple[float, float], gen
     return moved, (moved.abs() < 1).all(dim=-1)
 
 
+def _std_hinge(var: Tensor) -> Tensor:
+    """VICReg's variance hinge: mean of ``relu(1 - sqrt(var + 1e-4))`` over the given variances."""
+    return F.relu(1 - torch.sqrt(var + 1e-4)).mean()
+
+
 def vicreg_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """VICReg's three terms (Bardes et al., ICLR 2022) for paired rows a, b (N, D): mean squared
     distance, mean over both of ``relu(1 - std)`` per dimension, and the sum over both of the squared
@@ -416,7 +421,7 @@ def vicreg_terms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     variance = a.new_zeros(())
     covariance = a.new_zeros(())
     for z in (a, b):
-        variance = variance + F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+        variance = variance + _std_hinge(z.var(dim=0))
         z = z - z.mean(dim=0)
         cov = (z.T @ z) / (len(z) - 1)
         covariance = covariance + (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
@@ -442,7 +447,7 @@ def dense_vicreg_loss(expanded: Sequence[Tensor], boxes: Tensor, radius: tuple[f
         the patch at a neighbouring image point (nearest patch) in the other crop.
     """
     w_inv, w_var, w_cov = weights
-    within = sum(F.relu(1 - torch.sqrt(z.flatten(1, 2).var(dim=1) + 1e-4)).mean() for z in expanded)
+    within = sum(_std_hinge(z.flatten(1, 2).var(dim=1)) for z in expanded)
     total = w_var * within / len(expanded)
     for v, t in ((0, 1), (1, 0)):
         points, _ = correspondence(boxes[v], boxes[t], expanded[v].shape[1])
