@@ -26,3 +26,24 @@ def batch():
         b=b, h=h, w=w, p=h * w, n=n,
         rand=torch.rand(n, n, generator=g) < 0.3, rand_shared=torch.rand(h * w, n, generator=g) < 0.3,
     )
+
+
+@pytest.fixture(scope="session")
+def _trained_tiny_run(tmp_path_factory):
+    from hpkit.config import get_config
+    from hpkit.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    overrides = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
+                 "data.num_val=6", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]
+    train(get_config("demo", overrides), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(_trained_tiny_run, tmp_path_factory):
+    """A finished demo run on random_tiny (32 px, 24 train / 6 val scenes, one epoch), trained once per
+    session; each test module gets its own copy, since evaluating a run writes into it."""
+    import shutil
+
+    return Path(shutil.copytree(_trained_tiny_run, tmp_path_factory.mktemp("run"), dirs_exist_ok=True))

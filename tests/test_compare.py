@@ -9,20 +9,12 @@ import pytest
 matplotlib.use("Agg")
 
 from hpkit.compare import HP, HP_CRF, KMEANS, example_segmentations, format_table, metrics_table, plot_runs  # noqa: E402
-from hpkit.config import get_config  # noqa: E402
 from hpkit.crf import crf_available  # noqa: E402
 from hpkit.evaluate import evaluate  # noqa: E402
-from hpkit.train import train  # noqa: E402
 
-TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=16",
-        "data.num_val=6", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train(get_config("demo", TINY), out, progress=False)
-    return out
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def test_examples_match_evaluate(run):

@@ -8,20 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpkit.config import get_config
 from hpkit.evaluate import evaluate
 from hpkit.segment import segment
-from hpkit.train import train
 
-TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
-        "data.num_val=4", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train(get_config("demo", TINY), out, progress=False)
-    return out
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def test_any_size_and_mode_gives_a_full_size_label_map(run, tmp_path):
