@@ -123,7 +123,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.num_val": 64, "data.batch_size": 8, "data.num_workers": 0,
         "model.backbone": "auto", "model.dim": 64, "model.ema_momentum": 0.99,
         "loss.tau": 0.6, "loss.pool_size": 256, "loss.renew_interval": 20, "loss.warmup": 20,
-        "train.epochs": 2, "train.device": "cpu", "train.val_every": 32, "train.cache_features": True,
+        "train.epochs": 4, "train.device": "cpu", "train.val_every": 32, "train.cache_features": True,
+        # The official cluster lr (5e-3) is meant for thousands of steps. In the demo's 256 the probe's
+        # random centroids hardly move: on hp-tiny, k-means on the trained head's features scored
+        # 24-25 mIoU while the probe trained at 5e-3 scored 16.4 (2 epochs); 10x the lr closes most of it.
+        "optim.cluster_lr": 5e-2,
     },
 }
 

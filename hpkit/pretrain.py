@@ -156,6 +156,10 @@ class PretrainConfig:
     # center; the loss adds dense_weight times this term.
     dense_weight: float = 0.0
     dense_out_dim: int = 1024
+    # Weight of the image-level DINO term (class tokens, all crops). 0 switches it off: with
+    # dense_objective "vicreg" the backbone then learns from the dense term alone (the hp-tiny recipe),
+    # only the two global crops are encoded, and the teacher is the EMA of the student.
+    dino_weight: float = 1.0
     # dense_objective "vicreg" replaces that term by within-image dense VICReg (:func:`dense_vicreg_loss`):
     # a patch of one global crop is pulled towards the point 1-3 patches away (``dense_radius``) in the
     # other crop (invariance), while every feature must vary across the patches of each image
@@ -194,6 +198,10 @@ class PretrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not a multiple of patch_size={p}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.dino_weight < 0 or self.dense_weight < 0:
+            raise ValueError(f"dino_weight and dense_weight must be >= 0, got {self.dino_weight} and {self.dense_weight}")
+        if self.dino_weight == 0 and self.dense_weight == 0:
+            raise ValueError("dino_weight=0 and dense_weight=0 leave nothing to learn: set one of them above 0")
         if self.dense_objective not in ("dino", "vicreg"):
             raise ValueError(f"dense_objective must be 'dino' or 'vicreg', got {self.dense_objective!r}")
         if self.dataset not in ("synthetic", "folder"):
@@ -715,6 +723,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         dense = cfg.dense_weight > 0
 
         vicreg = dense and cfg.dense_objective == "vicreg"
+        use_dino = cfg.dino_weight > 0
+        use_teacher = use_dino or (dense and not vicreg)  # teacher outputs are targets of the DINO terms only
 
         def heads() -> tuple[DINOHead, nn.Module | None]:
             head = DINOHead(cfg.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer)
@@ -797,23 +807,26 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                             group["lr"] = lr
                             if group["decay"]:
                                 group["weight_decay"] = wd
-                        # Forward: teacher on the 2 global crops, student on all crops.
+                        # Forward: teacher on the 2 global crops, student on all crops (dense VICReg alone: global crops).
                         torch.manual_seed(_seed(cfg.seed, 2, step))  # stochastic depth, if any
                         crops, boxes = crop(images, _generator(cfg.seed, 1, step), boxes=True)
                         crops = [c.to(device, non_blocking=True) for c in crops]
                         with amp:
-                            with torch.no_grad():
-                                t_cls, t_patches = teacher.encode(crops[:2])
-                                t_out = teacher.head(t_cls).float()
-                            s_cls, s_patches = student.encode(crops)
-                            s_out = student.head(s_cls).float()
+                            if use_teacher:
+                                with torch.no_grad():
+                                    t_cls, t_patches = teacher.encode(crops[:2])
+                                    t_out = teacher.head(t_cls).float()
+                            s_cls, s_patches = student.encode(crops if use_dino or not vicreg else crops[:2])
+                            s_out = student.head(s_cls).float() if use_dino else None
                             if vicreg:
                                 s_dense = [_apply_rows(student.patch_head, p).float() for p in s_patches[:2]]
                             elif dense:
                                 with torch.no_grad():
                                     t_dense = [teacher.patch_head(p).float() for p in t_patches]
                                 s_dense = [student.patch_head(p).float() for p in s_patches]
-                        loss = dino_loss(s_out, t_out, center, cfg.student_temp, t_temp)
+                        loss = torch.zeros((), device=device)
+                        if use_dino:
+                            loss = loss + cfg.dino_weight * dino_loss(s_out, t_out, center, cfg.student_temp, t_temp)
                         if vicreg:
                             dense_value = dense_vicreg_loss(s_dense, boxes[:2].to(device), cfg.dense_radius,
                                                             cfg.vicreg_weights, _generator(cfg.seed, 3, step))
@@ -840,10 +853,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                                      else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
                         optimizer.step()
                         ema_update(teacher, student, momentum)
-                        with torch.no_grad():
-                            probs = F.softmax((t_out - center) / t_temp, dim=-1)
-                            entropy = float(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean())
-                        center = update_center(center, t_out, cfg.center_momentum)
+                        entropy = None
+                        if use_dino:
+                            with torch.no_grad():
+                                probs = F.softmax((t_out - center) / t_temp, dim=-1)
+                                entropy = float(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean())
+                            center = update_center(center, t_out, cfg.center_momentum)
                         if dense and not vicreg:
                             patch_center = update_center(
                                 patch_center, torch.cat([p.flatten(0, 2) for p in t_dense]), cfg.center_momentum)

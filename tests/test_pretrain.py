@@ -211,6 +211,29 @@ def test_vicreg_dense_objective_trains_and_resumes(tmp_path):
         PretrainConfig(dense_objective="mae")
 
 
+def test_dino_weight_zero_leaves_the_dense_vicreg_term_alone(tmp_path):
+    vic = TINY | dict(dense_weight=1.0, dense_objective="vicreg", expander_dim=32)
+    both = pretrain(PretrainConfig(**vic), tmp_path / "both", max_steps=2, progress=False)
+    alone = pretrain(PretrainConfig(**vic | dict(dino_weight=0.0)), tmp_path / "alone", max_steps=2, progress=False)
+    first, only = both["history"][0], alone["history"][0]
+    # Same seed, same crops, same initial weights: the step-0 dense term is identical, and without
+    # the DINO term the loss is exactly that term (the image-level term added about ln(64) on top).
+    assert only["dense_loss"] == pytest.approx(first["dense_loss"], rel=1e-6)
+    assert only["loss"] == pytest.approx(only["dense_loss"], rel=1e-6)
+    assert first["loss"] - first["dense_loss"] > 1.0
+    assert only["teacher_entropy"] is None and first["teacher_entropy"] > 0
+    # The DINO head gets no gradient (AdamW skips it), so the teacher's EMA copy stays equal to it.
+    for run, frozen in (("alone", True), ("both", False)):
+        state = load(tmp_path / run / "checkpoint.pt")
+        same = all(torch.allclose(state["student"][k], state["teacher"][k], atol=1e-6)
+                   for k in state["student"] if k.startswith("head."))
+        assert same is frozen
+    with pytest.raises(ValueError, match="nothing to learn"):
+        PretrainConfig(dino_weight=0.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        PretrainConfig(dino_weight=-1.0)
+
+
 def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
     cfg = PretrainConfig(**TINY)
     full = pretrain(cfg, tmp_path / "full", max_steps=4, progress=False)
