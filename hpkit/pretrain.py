@@ -157,8 +157,8 @@ class PretrainConfig:
     dense_weight: float = 0.0
     dense_out_dim: int = 1024
     # Weight of the image-level DINO term (class tokens, all crops). 0 switches it off: with
-    # dense_objective "vicreg" the backbone then learns from the dense term alone (the hp-tiny recipe),
-    # only the two global crops are encoded, and the teacher is the EMA of the student.
+    # dense_objective "vicreg" the backbone then learns from the dense term alone, only the two
+    # global crops are encoded, and the teacher is the EMA of the student.
     dino_weight: float = 1.0
     # dense_objective "vicreg" replaces that term by within-image dense VICReg (:func:`dense_vicreg_loss`):
     # a patch of one global crop is pulled towards the point 1-3 patches away (``dense_radius``) in the
@@ -199,7 +199,8 @@ class PretrainConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.dino_weight < 0 or self.dense_weight < 0:
-            raise ValueError(f"dino_weight and dense_weight must be >= 0, got {self.dino_weight} and {self.dense_weight}")
+            raise ValueError(f"dino_weight and dense_weight must be >= 0, got {self.dino_weight} and "
+                             f"{self.dense_weight}")
         if self.dino_weight == 0 and self.dense_weight == 0:
             raise ValueError("dino_weight=0 and dense_weight=0 leave nothing to learn: set one of them above 0")
         if self.dense_objective not in ("dino", "vicreg"):
@@ -807,7 +808,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                             group["lr"] = lr
                             if group["decay"]:
                                 group["weight_decay"] = wd
-                        # Forward: teacher on the 2 global crops, student on all crops (dense VICReg alone: global crops).
+                        # Forward: teacher on the 2 global crops, student on all crops (only the global
+                        # ones when dense VICReg trains alone).
                         torch.manual_seed(_seed(cfg.seed, 2, step))  # stochastic depth, if any
                         crops, boxes = crop(images, _generator(cfg.seed, 1, step), boxes=True)
                         crops = [c.to(device, non_blocking=True) for c in crops]
