@@ -92,7 +92,9 @@ from .backbone import BACKBONES
 
 __all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
            "correspondence", "dense_dino_loss", "neighbour_points", "vicreg_terms", "dense_vicreg_loss", "expander",
-           "update_center", "ema_update", "cosine_schedule", "teacher_temperature", "pretrain", "export_backbone",
+           "similarity_keep_loss",
+           "update_center", "ema_update", "cosine_schedule", "teacher_temperature", "pretrain", "trains_teacher",
+           "export_backbone",
            "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -171,6 +173,14 @@ class PretrainConfig:
     dense_radius: tuple[float, float] = (1.0, 3.0)  # vicreg: neighbour distance, in patches of the other crop
     vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)  # invariance, variance, covariance
     expander_dim: int = 1024  # vicreg: width of the 2-layer expander on the patch tokens
+    # Structure-keeping term (0 disables; :func:`similarity_keep_loss`): the mean squared difference
+    # between the cosine similarities of keep_samples random patch tokens of each global crop under
+    # the student and under the frozen random initialisation. The random ViT's cosine neighbours
+    # are good on the synthetic scenes (they keep colour); jitter-invariant objectives alone trade
+    # them away before texture takes over (README, *Status*), this term keeps them while the
+    # dense term adds texture.
+    keep_weight: float = 0.0
+    keep_samples: int = 1024
     momentum_teacher: float = 0.996  # cosine schedule to 1.0
     # Optimisation: AdamW, linear warm-up then cosine; lr is per 256 images (scaled by batch_size / 256).
     batch_size: int = 32
@@ -198,6 +208,9 @@ class PretrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not a multiple of patch_size={p}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.keep_weight < 0 or self.keep_samples < 2:
+            raise ValueError(f"keep_weight must be >= 0 and keep_samples >= 2, got {self.keep_weight} and "
+                             f"{self.keep_samples}")
         if self.dino_weight < 0 or self.dense_weight < 0:
             raise ValueError(f"dino_weight and dense_weight must be >= 0, got {self.dino_weight} and "
                              f"{self.dense_weight}")
@@ -468,6 +481,28 @@ def dense_vicreg_loss(expanded: Sequence[Tensor], boxes: Tensor, radius: tuple[f
         inv, var, cov = vicreg_terms(a[pick], b[pick])
         total = total + (w_inv * inv + w_var * var + w_cov * cov) / 2
     return total
+
+
+def similarity_keep_loss(patches: Sequence[Tensor], reference: Sequence[Tensor], samples: int,
+                         generator: torch.Generator) -> Tensor:
+    """How far the patch tokens' cosine-similarity structure moved from a reference network's.
+
+    Args:
+        patches: per crop the trained network's patch tokens (B, g, g, C).
+        reference: the same crops' patch tokens under the reference network (B, g, g, C').
+        samples: tokens drawn at random (without replacement) from each crop's B * g * g.
+
+    Returns:
+        scalar: mean over crops of the mean over the samples x samples pairs of
+        ``(cos(z_i, z_j) - cos(r_i, r_j)) ** 2``.
+    """
+    total = patches[0].new_zeros(())
+    for z, r in zip(patches, reference):
+        z, r = z.reshape(-1, z.shape[-1]), r.reshape(-1, r.shape[-1])
+        pick = torch.randperm(len(z), generator=generator)[:samples].to(z.device)
+        z, r = F.normalize(z[pick], dim=1), F.normalize(r[pick], dim=1)
+        total = total + (z @ z.T - r @ r.T).pow(2).mean()
+    return total / len(patches)
 
 
 @torch.no_grad()
@@ -742,6 +777,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         teacher = DINONet(build_vit(cfg, drop_path_rate=0.0), *heads()).to(device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False).eval()
+        keep = cfg.keep_weight > 0
+        # The frozen random initialisation whose cosine structure the keep term holds on to.
+        init = DINONet(build_vit(cfg, drop_path_rate=0.0), student.head).to(device) if keep else None
+        if keep:
+            init.backbone.load_state_dict(student.backbone.state_dict())
+            init.backbone.requires_grad_(False).eval()
         # DINO's parameter groups: no weight decay on biases and norm parameters (1-d tensors).
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -770,6 +811,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             optimizer.load_state_dict(state["optimizer"])
             center = state["center"].to(device)
             patch_center = state.get("patch_center", patch_center).to(device)
+            if keep:
+                init.backbone.load_state_dict(state["init_backbone"])
             step, history, seconds = state["step"], state["history"], state["seconds"]
             torch.set_rng_state(state["rng"])
         (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
@@ -779,6 +822,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                      "optimizer": optimizer.state_dict(), "center": center, "patch_center": patch_center, "step": step, "history": history,
                      "seconds": seconds, "steps_per_epoch": steps_per_epoch, "rng": torch.get_rng_state(),
                      "config": _config_dict(cfg)}
+            if keep:
+                state["init_backbone"] = init.backbone.state_dict()
             _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
             _atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history)))
 
@@ -817,7 +862,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                             if use_teacher:
                                 with torch.no_grad():
                                     t_cls, t_patches = teacher.encode(crops[:2])
-                                    t_out = teacher.head(t_cls).float()
+                                    t_out = teacher.head(t_cls).float() if use_dino else None
                             s_cls, s_patches = student.encode(crops if use_dino or not vicreg else crops[:2])
                             s_out = student.head(s_cls).float() if use_dino else None
                             if vicreg:
@@ -826,6 +871,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                                 with torch.no_grad():
                                     t_dense = [teacher.patch_head(p).float() for p in t_patches]
                                 s_dense = [student.patch_head(p).float() for p in s_patches]
+                            if keep:
+                                with torch.no_grad():
+                                    _, i_patches = init.encode(crops[:2])
                         loss = torch.zeros((), device=device)
                         if use_dino:
                             loss = loss + cfg.dino_weight * dino_loss(s_out, t_out, center, cfg.student_temp, t_temp)
@@ -837,6 +885,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                             dense_value = dense_dino_loss(s_dense, t_dense, boxes.to(device), patch_center,
                                                           cfg.student_temp, t_temp)
                             loss = loss + cfg.dense_weight * dense_value
+                        keep_value = None
+                        if keep:
+                            keep_value = similarity_keep_loss([p.float() for p in s_patches[:2]],
+                                                              [p.float() for p in i_patches], cfg.keep_samples,
+                                                              _generator(cfg.seed, 4, step))
+                            loss = loss + cfg.keep_weight * keep_value
                         value = loss.item()
                         if not math.isfinite(value):
                             raise PretrainingDiverged(
@@ -870,6 +924,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                         history.append({"step": step, "epoch": epoch, "loss": value, "lr": lr, "weight_decay": wd,
                                         "teacher_temp": t_temp, "momentum": momentum, "teacher_entropy": entropy,
                                         "dense_loss": dense_value.item() if dense else None,
+                                        "keep_loss": keep_value.item() if keep else None,
                                         "grad_norm": float(grad_norm), "seconds": took})
                         updating = False
                         if step % cfg.checkpoint_every == 0 and step < stop:
@@ -893,14 +948,24 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
 
 # ----------------------------------------------------------------------------------------- export
 
-def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float32") -> Path:
-    """Write the teacher's ViT (timm state-dict keys, no DINO head) as ``.safetensors``.
+def trains_teacher(cfg: PretrainConfig) -> bool:
+    """Whether a run's loss uses the EMA teacher (a DINO term); otherwise the teacher is only an
+    EMA copy of the student, which lags it: in an 8-epoch ``--dino-weight 0 --keep-weight 50`` run
+    the exported teacher scored 32.4 linear-probe mIoU and the student 38.8 (README, *Status*)."""
+    return cfg.dino_weight > 0 or (cfg.dense_weight > 0 and cfg.dense_objective == "dino")
+
+
+def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float32", network: str = "auto"
+                    ) -> Path:
+    """Write a pretrained ViT (timm state-dict keys, no DINO head) as ``.safetensors``.
 
     Args:
         source: a pretraining folder (with ``checkpoint.pt``) or a checkpoint file.
         path: the ``.safetensors`` file to write; ``path`` with suffix ``.json`` gets the metadata
             (configuration, steps, epochs, training time, last loss, parameter count, sha256).
         dtype: ``"float32"`` (~11 MB for the default model) or ``"float16"`` (half of that).
+        network: ``"teacher"``, ``"student"`` or ``"auto"``: the teacher when the loss used it
+            (:func:`trains_teacher`: DINO, as in DINO's own releases), else the student.
 
     Returns:
         ``path``. Load it with ``hpkit.load_backbone("random_tiny", weights=path)`` when the
@@ -916,13 +981,19 @@ def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float
         raise ValueError(f"export path must end in .safetensors, got {path}")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if network not in ("auto", "teacher", "student"):
+        raise ValueError(f"network must be 'auto', 'teacher' or 'student', got {network!r}")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    # A setting the checkpoint does not record (added to hpkit later) had its default then.
+    cfg = PretrainConfig(**_config_dict(PretrainConfig()) | state["config"])
+    if network == "auto":
+        network = "teacher" if trains_teacher(cfg) else "student"
     weights = {k[len("backbone."):]: v.to(getattr(torch, dtype)).contiguous()
-               for k, v in state["teacher"].items() if k.startswith("backbone.")}
-    cfg = PretrainConfig(**state["config"])
+               for k, v in state[network].items() if k.startswith("backbone.")}
     history = state["history"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "hpkit DINO-pretrained ViT (teacher backbone, timm keys)", "timm_name": _TINY.timm_name,
+    meta = {"format": f"hpkit-pretrained ViT ({network} backbone, timm keys)", "network": network,
+            "timm_name": _TINY.timm_name,
             "loads_as": "random_tiny" if cfg.matches_random_tiny else None, "dtype": dtype,
             "parameters": sum(v.numel() for v in weights.values()), "steps": state["step"],
             "epochs": round(state["step"] / state["steps_per_epoch"], 2),
@@ -949,6 +1020,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrai
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--export", metavar="FILE.safetensors", help="export the teacher backbone at the end")
     parser.add_argument("--export-dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--export-network", default="auto", choices=("auto", "teacher", "student"),
+                        help="auto: the teacher when a DINO term trained it, else the student")
     parser.add_argument("--no-progress", action="store_true")
     defaults = PretrainConfig()
     for f in dataclasses.fields(PretrainConfig):
@@ -979,7 +1052,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrai
     result = pretrain(cfg, args.out_dir, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     print(f"{result['steps']} steps in {result['seconds'] / 60:.1f} min; checkpoint {result['checkpoint']}")
     if args.export:
-        print(f"teacher backbone written to {export_backbone(args.out_dir, args.export, dtype=args.export_dtype)}")
+        written = export_backbone(args.out_dir, args.export, dtype=args.export_dtype, network=args.export_network)
+        print(f"{json.loads(written.with_suffix('.json').read_text())['network']} backbone written to {written}")
 
 
 if __name__ == "__main__":

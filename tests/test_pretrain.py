@@ -1,5 +1,5 @@
 """DINO pretraining: the loss, center, EMA and schedules by hand; tiny runs that write atomically,
-resume exactly (also after Ctrl-C), stop on NaN; the exported teacher loads as ``random_tiny``."""
+resume exactly (also after Ctrl-C), stop on NaN; the exported backbone loads as ``random_tiny``."""
 
 import json
 import math
@@ -13,7 +13,8 @@ import hpkit.pretrain
 from hpkit import BACKBONES, FrozenViT, load_backbone
 from hpkit.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, correspondence,
                             cosine_schedule, dense_dino_loss, dense_vicreg_loss, dino_loss, ema_update, export_backbone,
-                            neighbour_points, pretrain, teacher_temperature, update_center, vicreg_terms)
+                            neighbour_points, pretrain, similarity_keep_loss, teacher_temperature, update_center,
+                            vicreg_terms)
 
 # 8 scenes of 32 px, 2 steps per epoch, 2 epochs: covers the frozen last layer (epoch 0), warm-ups and an epoch change.
 TINY = dict(num_images=8, image_size=32, global_crop_size=32, local_crop_size=16, num_local_crops=2, depth=2,
@@ -234,6 +235,59 @@ def test_dino_weight_zero_leaves_the_dense_vicreg_term_alone(tmp_path):
         PretrainConfig(dino_weight=-1.0)
 
 
+def test_similarity_keep_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    z, r = torch.randn(2, 2, 3, 5, generator=g), torch.randn(2, 2, 3, 7, generator=g)  # 12 tokens, C != C'
+    loss = similarity_keep_loss([z, 2 * z], [r, r], samples=100, generator=torch.Generator().manual_seed(1))
+    # All 12 tokens are drawn; the mean over pairs does not depend on their order. Cosines by hand:
+    zs, rs = z.reshape(12, 5).double(), r.reshape(12, 7).double()
+    cos = lambda a, i, j: float(a[i] @ a[j] / (a[i].norm() * a[j].norm()))  # noqa: E731
+    by_hand = sum((cos(zs, i, j) - cos(rs, i, j)) ** 2 for i in range(12) for j in range(12)) / 144
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5)  # 2 * z has the same cosines, so both crops agree
+    assert similarity_keep_loss([z], [3 * z], 100, torch.Generator()).item() == pytest.approx(0.0, abs=1e-6)
+    # With fewer samples, a random subset of tokens: still 0 for identical structure, > 0 otherwise.
+    assert 0 < similarity_keep_loss([z], [r], 4, torch.Generator().manual_seed(2)).item() < 4
+
+
+def test_keep_term_holds_the_random_init_and_resumes(tmp_path):
+    vic = TINY | dict(dense_weight=1.0, dense_objective="vicreg", expander_dim=32, dino_weight=0.0, lr=0.5,
+                      num_local_crops=0, epochs=4, keep_samples=64)  # 8 steps
+    free = pretrain(PretrainConfig(**vic | dict(keep_weight=1e-9)), tmp_path / "free", progress=False)
+    cfg = PretrainConfig(**vic | dict(keep_weight=100.0))
+    kept = pretrain(cfg, tmp_path / "kept", progress=False)
+    # Step 0: the student is the initialisation, so the term is 0 and the loss is the dense term.
+    first = kept["history"][0]
+    assert first["keep_loss"] == pytest.approx(0.0, abs=1e-10) and first["loss"] == pytest.approx(first["dense_loss"])
+    for h in kept["history"]:
+        assert h["loss"] == pytest.approx(h["dense_loss"] + 100.0 * h["keep_loss"], rel=1e-5)
+    # The term does its job: the structure moves less from the init with it than without it
+    # (0.026 vs 0.098 after 8 steps).
+    assert kept["history"][-1]["keep_loss"] < 0.5 * free["history"][-1]["keep_loss"]
+    assert free["history"][-1]["keep_loss"] > 0
+    # The checkpoint holds the initial ViT (the one build_vit makes from the seed), and a resumed
+    # run reproduces the losses.
+    torch.manual_seed(cfg.seed)
+    init = build_vit(cfg).state_dict()
+    state = load(tmp_path / "kept" / CHECKPOINT)
+    assert all(torch.equal(state["init_backbone"][k], v) for k, v in init.items())
+    assert not torch.equal(state["student"]["backbone.blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    pretrain(cfg, tmp_path / "split", max_steps=3, progress=False)
+    resumed = pretrain(cfg, tmp_path / "split", progress=False, resume=True)
+    assert losses(resumed) == pytest.approx(losses(kept), abs=1e-6)
+    with pytest.raises(ValueError, match="keep_weight must be >= 0"):
+        PretrainConfig(keep_weight=-1.0)
+    # No DINO term: the teacher is a lagging EMA copy nothing trains against, so export writes the student.
+    from safetensors.torch import load_file
+    for network, expected in (("auto", "student"), ("teacher", "teacher"), ("student", "student")):
+        path = export_backbone(tmp_path / "kept", tmp_path / f"{network}.safetensors", network=network)
+        assert json.loads(path.with_suffix(".json").read_text())["network"] == expected
+        saved = load_file(str(path))
+        assert all(torch.equal(v, state[expected][f"backbone.{k}"]) for k, v in saved.items())
+    assert not torch.equal(state["student"]["backbone.pos_embed"], state["teacher"]["backbone.pos_embed"])
+    with pytest.raises(ValueError, match="network must be"):
+        export_backbone(tmp_path / "kept", tmp_path / "x.safetensors", network="ema")
+
+
 def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
     cfg = PretrainConfig(**TINY)
     full = pretrain(cfg, tmp_path / "full", max_steps=4, progress=False)
@@ -245,8 +299,8 @@ def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == [CHECKPOINT, "config.json", "history.json"]
     final = load(tmp_path / "full" / CHECKPOINT)
 
-    pretrain(cfg, tmp_path / "split", max_steps=2, progress=False)
-    resumed = pretrain(cfg, tmp_path / "split", max_steps=4, progress=False, resume=True)
+    pretrain(cfg, tmp_path / "split", max_steps=3, progress=False)
+    resumed = pretrain(cfg, tmp_path / "split", progress=False, resume=True)
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
     teacher = load(tmp_path / "split" / CHECKPOINT)["teacher"]
     for key, value in final["teacher"].items():
@@ -318,6 +372,7 @@ def test_export_loads_with_load_backbone(tmp_path):
     assert path.stat().st_size < 15e6
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["steps"] == 1 and meta["loads_as"] == "random_tiny" and meta["config"]["depth"] == 6
+    assert meta["network"] == "teacher"  # DINO trains against its teacher: that one is exported
 
     from safetensors.torch import load_file
     saved = load_file(str(path))
