@@ -13,6 +13,11 @@ Per iteration (section 1.0 of the reference notes, paper or official style from 
    ``renew_interval`` iterations (from the cached patch bank, no backbone pass);
 5. the cluster and linear probes train on ``s.detach()``: they measure, they never shape the head.
 
+With ``train.probe_refit_epochs > 0`` (the demo preset; 0 in the paper presets) the cluster probe is
+re-initialised after the last planned step and trained alone on the final head
+(:func:`refit_cluster_probe`): a probe trained alongside a head that is still moving settles early in
+a poor k-means optimum and, with hard assignment, stays there.
+
 Every ``train.val_every`` iterations the probes are scored on the validation split (no CRF) and a
 checkpoint is written; the history (loss, lambda per step; metrics per validation) goes to
 ``history.json`` for plotting (:mod:`hpkit.plots`). Unlike the official code, no checkpoint is
@@ -38,6 +43,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -129,6 +135,36 @@ class HPHeads(nn.Module):
             probe_loss = probe_loss + 0.0 * self.linear.conv.weight.sum()  # keeps DDP's gradient buckets complete
         return {"s": s, "z": z_all[:n], "z_aug": z_all[n:2 * n] if f_aug is not None else None,
                 "z_mix": z_all[-n:] if mix_weights is not None else None, "probe_loss": probe_loss}
+
+
+def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor, Tensor], Tensor], data: Dataset, cfg: Config,
+                        device: torch.device) -> None:
+    """Re-initialise the cluster probe and train it alone on the final head (``train.probe_refit_epochs``).
+
+    The centroids restart from ``randn(K, D)`` drawn from ``torch.Generator().manual_seed(train.seed)``;
+    each epoch e visits the train images in the order ``randperm(N)`` of
+    ``torch.Generator().manual_seed(train.seed + 1 + e)``, in batches of ``data.batch_size``; each
+    batch's backbone features (``features(indices, images)`` -> (B, C, h, w)) go through the head in
+    eval mode, and a fresh Adam (``optim.cluster_lr``) minimises :meth:`ClusterProbe.loss`.
+    """
+    probe, head = model.cluster, model.head
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        probe.centroids.copy_(torch.randn(probe.centroids.shape, generator=torch.Generator().manual_seed(
+            cfg.train.seed)).to(probe.centroids))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.optim.cluster_lr)
+    for epoch in range(cfg.train.probe_refit_epochs):
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed + 1 + epoch))
+        for batch in order.split(cfg.data.batch_size):
+            images = torch.stack([data[int(i)][0] for i in batch]).to(device)
+            with torch.no_grad():
+                s = head(features(batch, images).float())
+            loss = probe.loss(s)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    head.train(was_training)
 
 
 def _generator(*seed: int) -> torch.Generator:
@@ -255,6 +291,7 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
 
     ckpt_path = out / CHECKPOINT
     step, history, validation = 0, [], []
+    refitted = False  # the cluster probe has been refitted on the final head (train.probe_refit_epochs)
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
@@ -268,6 +305,7 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
         torch.set_rng_state(state["rng"])
         pools = ReferencePools.from_state_dict(state["pools"])
         step, history, validation = state["step"], state["history"], state.get("validation", [])
+        refitted = state.get("probe_refitted", False)
     else:
         loader = DataLoader(data, batch_size=min(share, 64), shuffle=True, generator=_generator(cfg.train.seed, -1))
         bank = collect_patch_bank(backbone, loader, loss_cfg.pool_size, generator=_generator(cfg.train.seed, -2),
@@ -311,7 +349,8 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
                              "ema": ema.state_dict(), "optim": {k: v.state_dict() for k, v in optimizers.items()},
                              "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
                              "pools": pools.state_dict(), "step": step, "history": history,
-                             "validation": validation, "config": to_dict(cfg)}, ckpt_path)
+                             "validation": validation, "probe_refitted": refitted, "config": to_dict(cfg)},
+                            ckpt_path)
             (out / "history.json").write_text(json.dumps({"steps": history, "validation": validation}))
 
     def validate() -> None:
@@ -404,6 +443,19 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
                   "(`hpkit train ... --resume`)")
         raise
     bar.close()
+    if cfg.train.probe_refit_epochs and step == planned and not refitted:
+        def features(idx: Tensor, images: Tensor) -> Tensor:
+            if cache is None:
+                return clean_view(images)["feats"]
+            return cache.lookup(idx, lambda missing: clean_view(images[missing.to(device)]), device)["feats"]
+
+        if main:
+            refit_cluster_probe(model, features, data, cfg, device)
+        if world > 1:
+            dist.broadcast(model.cluster.centroids.data, 0)
+        refitted = True
+        if validation and validation[-1]["step"] == step:
+            validation.pop()  # scored with the probe before the refit
     if cfg.train.val_every and (not validation or validation[-1]["step"] != step):
         validate()
     else:

@@ -149,3 +149,46 @@ def test_unlabelled_folder_trains_and_sizes_are_checked(tmp_path):
     assert result["steps"] == 2 and all(math.isfinite(h["probe_loss"]) for h in result["history"])
     with pytest.raises(ValueError, match="data.image_size=36 is not a multiple of the patch size 8"):
         train(get_config("demo", TINY + ["data.image_size=36"]), tmp_path / "bad", progress=False)
+
+
+def test_probe_refit_retrains_only_the_cluster_probe_on_the_final_head(tmp_path):
+    from hpkit.checkpoint import load_run
+    from hpkit.data.build import build_dataset
+
+    base = TINY + ["train.cache_features=false"]  # features straight from the backbone, as the reference below
+    plain = get_config("demo", base + ["train.probe_refit_epochs=0"])
+    cfg = get_config("demo", base + ["train.probe_refit_epochs=2"])
+    train(plain, tmp_path / "plain", progress=False)  # 24 images / 4 x 2 epochs = 12 steps
+    train(cfg, tmp_path / "refit", progress=False)
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "refit" / "checkpoint.pt", weights_only=False)
+    assert b["probe_refitted"] and not a["probe_refitted"] and a["step"] == b["step"] == 12
+    for name in ("head", "proj", "linear"):  # the refit touches nothing but the cluster probe
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+    assert not torch.equal(a["cluster"]["centroids"], b["cluster"]["centroids"])
+
+    # Reference, written out: random-normal restart, 2 epochs of Adam on -mean max cosine to the
+    # centroids, over the final head's features of the train images in the documented order.
+    run = load_run(tmp_path / "refit")
+    data = build_dataset(cfg, "train")
+    centroids = torch.randn(9, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    adam = torch.optim.Adam([centroids], lr=cfg.optim.cluster_lr)
+    for epoch in range(2):
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(1 + epoch))
+        for batch in order.split(4):
+            with torch.no_grad():
+                s = run.head(run.backbone(torch.stack([data[int(i)][0] for i in batch])).feats)
+            rows = torch.nn.functional.normalize(s.permute(0, 2, 3, 1).reshape(-1, 16), dim=1)
+            loss = -(rows @ torch.nn.functional.normalize(centroids, dim=1).T).max(dim=1).values.mean()
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+    torch.testing.assert_close(b["cluster"]["centroids"], centroids.detach(), atol=1e-5, rtol=1e-5)
+
+    # A run stopped early is not refitted; resumed to its end, it is, exactly as the one that ran through.
+    train(cfg, tmp_path / "split", max_steps=11, progress=False)
+    assert not torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["probe_refitted"]
+    train(cfg, tmp_path / "split", progress=False, resume=True)
+    c = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert c["probe_refitted"]
+    torch.testing.assert_close(c["cluster"]["centroids"], b["cluster"]["centroids"], atol=1e-6, rtol=0)
