@@ -46,6 +46,7 @@ def lab(tmp_path):
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={REPO}", "--LabApp.expose_app_in_browser=True",
          "--allow-root"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    committed = (REPO / NOTEBOOK).read_bytes()  # JupyterLab autosaves outputs into the file: put it back after
     try:
         for _ in range(120):
             if server.poll() is not None:
@@ -65,6 +66,7 @@ def lab(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+        (REPO / NOTEBOOK).write_bytes(committed)
 
 
 def test_clicking_an_anchor_changes_the_positives(lab, tmp_path):
