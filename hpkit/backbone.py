@@ -11,7 +11,10 @@
 
 Names: ``dino_vits8``, ``dino_vits16``, ``dino_vitb8``, ``dino_vitb16`` (timm's ``*.dino`` configs),
 ``random_tiny`` (a randomly initialised ViT with patch 8, width 192, depth 6, 3 heads, always from
-seed 0: shapes right, features meaningless; for tests) and ``auto``. Weights come from ``weights=PATH`` (official DINO
+seed 0: shapes right, features meaningless; for tests), ``hp-tiny`` (the same ViT, pretrained
+self-supervised by ``hpkit.pretrain`` on the synthetic scenes and bundled as
+``data/hp_tiny.safetensors``; model card in ``data/README.md``) and ``auto`` (DINO ViT-S/8 when its
+weights are on this machine, else ``hp-tiny``). Weights come from ``weights=PATH`` (official DINO
 ``.pth`` files, with or without ``teacher``/``student``, ``module.`` and ``backbone.``; timm
 ``.pth``/``.safetensors`` files), from the local weights folder (``$HPKIT_WEIGHTS`` or
 ``~/.cache/hpkit/weights``), from the Hugging Face cache, or from the hub when online.
@@ -63,7 +66,14 @@ BACKBONES: dict[str, BackboneSpec] = {
     "random_tiny": BackboneSpec("vit_tiny_patch16_224", 8, None,
                                 dict(patch_size=8, embed_dim=192, depth=6, num_heads=3, img_size=224),
                                 pretrained=False),
+    # hpkit's own self-supervised tiny ViT (same shape as random_tiny), bundled under data/ (data/README.md)
+    "hp-tiny": BackboneSpec("vit_tiny_patch16_224", 8, None,
+                            dict(patch_size=8, embed_dim=192, depth=6, num_heads=3, img_size=224),
+                            pretrained=False),
 }
+
+#: the bundled weights of ``hp-tiny`` (see data/README.md for the model card and how to reproduce them)
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "hp_tiny.safetensors"
 
 
 class BackboneWeightsError(FileNotFoundError):
@@ -248,7 +258,8 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
 
     Args:
         name: a key of ``BACKBONES`` or ``"auto"`` (DINO ViT-S/8 when its weights are on this
-            machine, otherwise ``random_tiny`` with a warning).
+            machine, otherwise the bundled ``hp-tiny``, saying so in one line; ``random_tiny`` only
+            when the bundled file is missing too).
         weights: optional path to a checkpoint (official DINO ``.pth``, timm ``.pth`` or
             ``.safetensors``); overrides every other source.
         device: where to put the model.
@@ -264,12 +275,26 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         found = _local_weights(BACKBONES["dino_vits8"]) if weights is None else Path(weights)
         if found is not None:
             return load_backbone("dino_vits8", weights=found, device=device)
-        print("hpkit: no DINO ViT-S/8 weights on this machine; using the randomly initialised 'random_tiny' "
-              "backbone (features are meaningless). See README 'Backbones'.", file=sys.stderr, flush=True)
+        if BUNDLED_WEIGHTS.is_file():
+            print("hpkit: no DINO ViT-S/8 weights on this machine; using the bundled 'hp-tiny' backbone (a tiny "
+                  "ViT that hpkit pretrained self-supervised on its synthetic scenes; data/README.md). See README "
+                  "'Backbones'.",
+                  file=sys.stderr, flush=True)
+            return load_backbone("hp-tiny", device=device)
+        print("hpkit: no DINO ViT-S/8 weights and no bundled 'hp-tiny' file on this machine; using the randomly "
+              "initialised 'random_tiny' backbone (features are meaningless). See README 'Backbones'.",
+              file=sys.stderr, flush=True)
         name = "random_tiny"
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or 'auto'")
     spec = BACKBONES[name]
+    if name == "hp-tiny" and weights is None:
+        if not BUNDLED_WEIGHTS.is_file():
+            raise BackboneWeightsError(
+                f"the bundled hp-tiny weights {BUNDLED_WEIGHTS} are missing (hpkit installed without its data/ "
+                "folder?); reinstall from a clone with `pip install -e .`, or recreate them with the command in "
+                "data/README.md")
+        weights = BUNDLED_WEIGHTS
     source = Path(weights) if weights is not None else (_local_weights(spec) if spec.pretrained else None)
     if source is not None:
         vit = _build_vit(spec)

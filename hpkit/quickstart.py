@@ -2,7 +2,7 @@
 
 ``python -m hpkit quickstart`` runs it: backbone -> heads -> pools -> global and local hidden
 positives -> both styles of the objective -> backward. It uses ``load_backbone("auto")`` (DINO
-ViT-S/8 when its weights are on this machine, otherwise a randomly initialised tiny ViT) on random
+ViT-S/8 when its weights are on this machine, otherwise hpkit's bundled tiny ViT ``hp-tiny``) on random
 images, so it shows the data flow and the costs, not segmentation quality.
 """
 

@@ -87,7 +87,12 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
     from .train import train
 
     backbone = resolved_backbone(cfg)
-    text = json.dumps({"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps}, sort_keys=True)
+    key_parts = {"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps}
+    if backbone == "hp-tiny":  # a new bundled file is a different backbone under the same name
+        from .backbone import BUNDLED_WEIGHTS
+
+        key_parts["bundled_sha256"] = hashlib.sha256(BUNDLED_WEIGHTS.read_bytes()).hexdigest()
+    text = json.dumps(key_parts, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:10]
     run = workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}"
     if (run / _DONE).is_file():

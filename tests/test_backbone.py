@@ -122,8 +122,16 @@ def test_offline_without_weights_says_where_to_put_them(tmp_path):
 def test_auto_uses_local_dino_weights_else_falls_back(tmp_path, vits8_state):
     code = "import hpkit; print('NAME', hpkit.load_backbone('auto').name)"
     result = _run_offline(code, tmp_path)
-    assert "NAME random_tiny" in result.stdout, result.stderr
-    assert "no DINO ViT-S/8 weights" in result.stderr
+    assert "NAME hp-tiny" in result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hpkit:")]
+    assert len(lines) == 1 and "no DINO ViT-S/8 weights" in lines[0] and "bundled 'hp-tiny'" in lines[0]
+    # Without the bundled file (an install without data/): the random backbone, said in one line.
+    missing = ("import hpkit, hpkit.backbone as b, pathlib; b.BUNDLED_WEIGHTS = pathlib.Path('/no/such.safetensors'); "
+               "print('NAME', hpkit.load_backbone('auto').name)\n"
+               "try:\n    hpkit.load_backbone('hp-tiny')\nexcept hpkit.BackboneWeightsError as e:\n    print('ERR', e)")
+    result = _run_offline(missing, tmp_path)
+    assert "NAME random_tiny" in result.stdout and "no bundled 'hp-tiny'" in result.stderr, result.stderr
+    assert "ERR the bundled hp-tiny weights" in result.stdout and "data/README.md" in result.stdout
     (tmp_path / "weights").mkdir()
     torch.save(vits8_state, tmp_path / "weights" / "dino_deitsmall8_pretrain.pth")
     result = _run_offline(code, tmp_path)
