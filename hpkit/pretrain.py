@@ -46,6 +46,9 @@ Where hpkit differs from the official DINO code (all configurable, see :class:`P
   shortcut: one code per image, which matches neighbours perfectly and separates images, but says
   nothing about regions; with it, an 80-step trial reached 37.5 linear-probe mIoU against 31.0 for
   the random backbone (README, *Status*);
+- ``keep_weight > 0`` adds a term that holds the patch tokens' cosine similarities close to those of
+  the frozen random initialisation (:func:`similarity_keep_loss`); with dense VICReg alone it gave
+  the bundled ``hp-tiny`` (data/README.md), and ``export_backbone`` then writes the student;
 - the teacher temperature is 0.04 throughout (DINO's default for ViT-S/16, 100 epochs); DINO's
   0.04 -> 0.07 warm-up over 30 epochs (``warmup_teacher_temp_epochs``) is meant for long runs: in a
   300-step trial it drove the teacher towards the uniform distribution.

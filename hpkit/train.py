@@ -137,15 +137,14 @@ class HPHeads(nn.Module):
                 "z_mix": z_all[-n:] if mix_weights is not None else None, "probe_loss": probe_loss}
 
 
-def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor, Tensor], Tensor], data: Dataset, cfg: Config,
-                        device: torch.device) -> None:
+def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_images: int, cfg: Config) -> None:
     """Re-initialise the cluster probe and train it alone on the final head (``train.probe_refit_epochs``).
 
     The centroids restart from ``randn(K, D)`` drawn from ``torch.Generator().manual_seed(train.seed)``;
-    each epoch e visits the train images in the order ``randperm(N)`` of
+    each epoch e visits the ``n_images`` train images in the order ``randperm(n_images)`` of
     ``torch.Generator().manual_seed(train.seed + 1 + e)``, in batches of ``data.batch_size``; each
-    batch's backbone features (``features(indices, images)`` -> (B, C, h, w)) go through the head in
-    eval mode, and a fresh Adam (``optim.cluster_lr``) minimises :meth:`ClusterProbe.loss`.
+    batch's backbone features (``features(indices)`` -> (B, C, h, w)) go through the head in eval
+    mode, and a fresh Adam (``optim.cluster_lr``) minimises :meth:`ClusterProbe.loss`.
     """
     probe, head = model.cluster, model.head
     was_training = head.training
@@ -155,11 +154,10 @@ def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor, Tensor], Ten
             cfg.train.seed)).to(probe.centroids))
     optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.optim.cluster_lr)
     for epoch in range(cfg.train.probe_refit_epochs):
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed + 1 + epoch))
+        order = torch.randperm(n_images, generator=torch.Generator().manual_seed(cfg.train.seed + 1 + epoch))
         for batch in order.split(cfg.data.batch_size):
-            images = torch.stack([data[int(i)][0] for i in batch]).to(device)
             with torch.no_grad():
-                s = head(features(batch, images).float())
+                s = head(features(batch).float())
             loss = probe.loss(s)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -444,13 +442,16 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
         raise
     bar.close()
     if cfg.train.probe_refit_epochs and step == planned and not refitted:
-        def features(idx: Tensor, images: Tensor) -> Tensor:
+        def features(idx: Tensor) -> Tensor:
+            def compute(missing: Tensor) -> dict[str, Tensor]:  # images are read only for rows not cached
+                return clean_view(torch.stack([data[int(i)][0] for i in idx[missing]]).to(device))
+
             if cache is None:
-                return clean_view(images)["feats"]
-            return cache.lookup(idx, lambda missing: clean_view(images[missing.to(device)]), device)["feats"]
+                return compute(torch.arange(len(idx)))["feats"]
+            return cache.lookup(idx, compute, device)["feats"]
 
         if main:
-            refit_cluster_probe(model, features, data, cfg, device)
+            refit_cluster_probe(model, features, len(data), cfg)
         if world > 1:
             dist.broadcast(model.cluster.centroids.data, 0)
         refitted = True
