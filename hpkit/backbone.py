@@ -22,6 +22,7 @@ weights are on this machine, else ``hp-tiny``). Weights come from ``weights=PATH
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["BackboneSpec", "BACKBONES", "BackboneOutput", "FrozenViT", "load_backbone", "weights_dir",
-           "load_state_dict_file", "BackboneWeightsError"]
+           "load_state_dict_file", "BackboneWeightsError", "weights_source", "file_sha256"]
 
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
 
@@ -94,13 +95,15 @@ class FrozenViT(nn.Module):
     """A frozen timm ViT that returns patch features and last-block attention logits.
 
     Attributes: ``name``, ``patch_size``, ``embed_dim`` (C), ``num_heads``, ``mean``/``std`` (the
-    normalisation applied inside ``forward``).
+    normalisation applied inside ``forward``), ``weights_path`` (the file the weights came from, or
+    None for a random initialisation or a hub download).
     """
 
-    def __init__(self, vit: nn.Module, name: str, patch_size: int):
+    def __init__(self, vit: nn.Module, name: str, patch_size: int, weights_path: Path | None = None):
         super().__init__()
         self.vit = vit
         self.name = name
+        self.weights_path = weights_path
         self.patch_size = patch_size
         self.embed_dim = vit.embed_dim
         self.num_heads = vit.blocks[-1].attn.num_heads
@@ -219,6 +222,41 @@ def _local_weights(spec: BackboneSpec) -> Path | None:
     return None
 
 
+def weights_source(name: str, weights: str | Path | None = None) -> Path | None:
+    """The weights file that ``load_backbone(name, weights=weights)`` reads on this machine, without
+    building the model: ``weights`` itself, the bundled file for ``hp-tiny``, a local DINO file, or
+    None (random initialisation, or a download from the hub)."""
+    if weights is not None:
+        return Path(weights)
+    if name == "auto":
+        found = _local_weights(BACKBONES["dino_vits8"])
+        if found is not None:
+            return found
+        return BUNDLED_WEIGHTS if BUNDLED_WEIGHTS.is_file() else None
+    if name == "hp-tiny":
+        return BUNDLED_WEIGHTS
+    spec = BACKBONES.get(name)
+    return _local_weights(spec) if spec is not None and spec.pretrained else None
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a file's content (remembered per path, size and modification time),
+    so that caches keyed on a weights file notice when its content changes."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """Whether the model hub answers at all (avoids a minute of retries on an offline machine)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -315,4 +353,4 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
             raise BackboneWeightsError(f"no weights for {name!r} on this machine and the download failed "
                                        f"({type(err).__name__}: {str(err)[:200]}).\n{advice}") from err
-    return FrozenViT(vit, name, spec.patch_size).to(device)
+    return FrozenViT(vit, name, spec.patch_size, weights_path=source).to(device)

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .backbone import FrozenViT, load_backbone
+from .backbone import FrozenViT, file_sha256, load_backbone
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Config, to_dict
 from .data.build import build_dataset
@@ -320,7 +320,9 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
     cache = None
     if cfg.train.cache_features:
         folder = Path(cfg.train.cache_dir) if cfg.train.cache_dir else out / "feature_cache"
-        key = {"backbone": cfg.model.backbone, "weights": cfg.model.weights, "data": to_dict(cfg)["data"],
+        key = {"backbone": backbone.name, "weights": cfg.model.weights,
+               "weights_sha256": file_sha256(backbone.weights_path) if backbone.weights_path else None,
+               "data": to_dict(cfg)["data"],
                "seed": cfg.train.seed, "lhp": [loss_cfg.style, loss_cfg.sigma] if need_weights else None}
         if main:
             cache = FeatureCache(folder, len(data), (backbone.embed_dim, h, w), with_weights=need_weights, key=key)

@@ -70,6 +70,15 @@ def resolved_backbone(cfg: Config) -> str:
     return f"{name}:{cfg.model.weights}" if cfg.model.weights else name
 
 
+def backbone_weights_sha256(cfg: Config) -> str | None:
+    """The sha256 of the weights file ``cfg.model`` loads on this machine (None: random init or a hub
+    download): new weights under the same name or path make a different run."""
+    from .backbone import file_sha256, weights_source
+
+    source = weights_source(cfg.model.backbone, cfg.model.weights)
+    return file_sha256(source) if source is not None and source.is_file() else None
+
+
 def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: int | None = None,
                 progress: bool = False) -> Path:
     """Train ``cfg`` once and return its run folder (``checkpoint.pt``, ``config.json``, ``history.json``).
@@ -87,11 +96,8 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
     from .train import train
 
     backbone = resolved_backbone(cfg)
-    key_parts = {"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps}
-    if backbone == "hp-tiny":  # a new bundled file is a different backbone under the same name
-        from .backbone import BUNDLED_WEIGHTS
-
-        key_parts["bundled_sha256"] = hashlib.sha256(BUNDLED_WEIGHTS.read_bytes()).hexdigest()
+    key_parts = {"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps,
+                 "weights_sha256": backbone_weights_sha256(cfg)}
     text = json.dumps(key_parts, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:10]
     run = workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}"

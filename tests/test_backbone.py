@@ -161,3 +161,23 @@ def test_random_tiny_is_the_same_in_every_run():
     torch.manual_seed(456)
     b = load_backbone("random_tiny")
     torch.testing.assert_close(a.vit.blocks[0].attn.qkv.weight, b.vit.blocks[0].attn.qkv.weight)
+
+
+def test_weights_source_and_digest_follow_the_file(tmp_path, tiny):
+    import hashlib
+
+    from hpkit.backbone import BUNDLED_WEIGHTS, file_sha256, weights_source
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.vit.state_dict().items()}, str(path))
+    assert weights_source("random_tiny") is None and weights_source("hp-tiny") == BUNDLED_WEIGHTS
+    assert weights_source("random_tiny", path) == path
+    assert load_backbone("random_tiny", weights=path).weights_path == path
+    assert load_backbone("hp-tiny").weights_path == BUNDLED_WEIGHTS and tiny.weights_path is None
+    first = file_sha256(path)
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
+    state = {k: v.contiguous() for k, v in tiny.vit.state_dict().items()}
+    state["cls_token"] = state["cls_token"] + 1.0
+    save_file(state, str(path))
+    os.utime(path, ns=(1, 1))  # even with an old modification time, the size/mtime key changes
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() != first

@@ -66,6 +66,25 @@ def test_feature_cache_fills_once_and_resumes_exactly(tmp_path):
     assert full["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-3)  # fp16 cache ~ fp32
 
 
+def test_feature_cache_is_rebuilt_when_the_weights_file_changes(tmp_path):
+    from safetensors.torch import save_file
+
+    from hpkit import load_backbone
+    from hpkit.backbone import file_sha256
+
+    state = {k: v.contiguous() for k, v in load_backbone("random_tiny").vit.state_dict().items()}
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    shared = ["train.cache_features=true", f"train.cache_dir={tmp_path / 'cache'}", f"model.weights={path}"]
+    first = train(get_config("demo", TINY + shared), tmp_path / "a", max_steps=1, progress=False)
+    key = json.loads((tmp_path / "cache" / "key.json").read_text())
+    assert key["weights_sha256"] == file_sha256(path) and key["backbone"] == "random_tiny"
+    save_file({**state, "patch_embed.proj.weight": 2 * state["patch_embed.proj.weight"]}, str(path))
+    second = train(get_config("demo", TINY + shared), tmp_path / "b", max_steps=1, progress=False)
+    assert json.loads((tmp_path / "cache" / "key.json").read_text())["weights_sha256"] == file_sha256(path)
+    assert second["history"][0]["loss"] != pytest.approx(first["history"][0]["loss"], rel=1e-4)  # new features
+
+
 def test_feature_cache_computes_only_missing_rows(tmp_path):
     calls = []
 

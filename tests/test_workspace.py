@@ -51,3 +51,24 @@ def test_trained_once_then_reused_and_keyed_by_config(tmp_path, monkeypatch):
 def test_bad_preset_is_named():
     with pytest.raises(ValueError, match="unknown preset"):
         notebook_config(preset="imagenet")
+
+
+def test_new_weights_in_the_same_file_make_a_new_run(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    import hpkit.train
+    from hpkit import load_backbone
+
+    calls = []
+    real = hpkit.train.train
+    monkeypatch.setattr(hpkit.train, "train", lambda cfg, out, **kw: calls.append(out) or real(cfg, out, **kw))
+    state = {k: v.contiguous() for k, v in load_backbone("random_tiny").vit.state_dict().items()}
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    cfg = notebook_config(overrides={**SMALL, "model.weights": str(path)})
+    run = trained_run(cfg, workspace=tmp_path / "ws")
+    assert trained_run(cfg, workspace=tmp_path / "ws") == run and len(calls) == 1
+    save_file({**state, "pos_embed": state["pos_embed"] + torch.ones(())}, str(path))  # same name, new content
+    other = trained_run(cfg, workspace=tmp_path / "ws")
+    assert other != run and len(calls) == 2
