@@ -95,7 +95,7 @@ from .backbone import BACKBONES
 
 __all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
            "correspondence", "dense_dino_loss", "neighbour_points", "vicreg_terms", "dense_vicreg_loss", "expander",
-           "similarity_keep_loss",
+           "similarity_keep_loss", "region_masks", "region_ids", "region_contrast_loss",
            "update_center", "ema_update", "cosine_schedule", "teacher_temperature", "pretrain", "trains_teacher",
            "export_backbone",
            "CHECKPOINT"]
@@ -176,6 +176,15 @@ class PretrainConfig:
     dense_radius: tuple[float, float] = (1.0, 3.0)  # vicreg: neighbour distance, in patches of the other crop
     vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)  # invariance, variance, covariance
     expander_dim: int = 1024  # vicreg: width of the 2-layer expander on the patch tokens
+    # dense_objective "regions" replaces it by region-level contrast (:func:`region_contrast_loss`,
+    # after DetCon, Henaff et al., ICCV 2021): every image is split once into region_clusters
+    # pseudo-regions by k-means of the frozen random initialisation's patch tokens
+    # (:func:`region_masks`); a region's mean-pooled tokens in one global crop must pick out the same
+    # region in the other global crop among all regions of the batch, and each local crop (little
+    # context) the region under its centre. Negatives include the image's other regions, so one code
+    # per image does not solve it. Projector: embed_dim -> hidden_dim -> bottleneck_dim.
+    region_clusters: int = 4
+    region_temperature: float = 0.1
     # Structure-keeping term (0 disables; :func:`similarity_keep_loss`): the mean squared difference
     # between the cosine similarities of keep_samples random patch tokens of each global crop under
     # the student and under the frozen random initialisation. The random ViT's cosine neighbours
@@ -219,8 +228,11 @@ class PretrainConfig:
                              f"{self.dense_weight}")
         if self.dino_weight == 0 and self.dense_weight == 0:
             raise ValueError("dino_weight=0 and dense_weight=0 leave nothing to learn: set one of them above 0")
-        if self.dense_objective not in ("dino", "vicreg"):
-            raise ValueError(f"dense_objective must be 'dino' or 'vicreg', got {self.dense_objective!r}")
+        if self.dense_objective not in ("dino", "vicreg", "regions"):
+            raise ValueError(f"dense_objective must be 'dino', 'vicreg' or 'regions', got {self.dense_objective!r}")
+        if self.region_clusters < 2 or self.region_temperature <= 0:
+            raise ValueError(f"region_clusters must be >= 2 and region_temperature > 0, got {self.region_clusters} "
+                             f"and {self.region_temperature}")
         if self.dataset not in ("synthetic", "folder"):
             raise ValueError(f"dataset must be 'synthetic' or 'folder', got {self.dataset!r}")
         if self.dataset == "folder" and not self.root:
@@ -280,9 +292,10 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
-def expander(in_dim: int, dim: int) -> nn.Sequential:
-    """VICReg's expander, 2 layers: (N, in_dim) -> Linear -> BatchNorm -> ReLU -> Linear -> (N, dim)."""
-    return nn.Sequential(nn.Linear(in_dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
+def expander(in_dim: int, dim: int, out_dim: int | None = None) -> nn.Sequential:
+    """VICReg's expander (also the region projector), 2 layers: (N, in_dim) -> Linear -> BatchNorm ->
+    ReLU -> Linear -> (N, out_dim or dim)."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, out_dim or dim))
 
 
 def _apply_rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -506,6 +519,100 @@ def similarity_keep_loss(patches: Sequence[Tensor], reference: Sequence[Tensor],
         z, r = F.normalize(z[pick], dim=1), F.normalize(r[pick], dim=1)
         total = total + (z @ z.T - r @ r.T).pow(2).mean()
     return total / len(patches)
+
+
+@torch.no_grad()
+def region_masks(network: "DINONet", data: Dataset, clusters: int, generator: torch.Generator, *,
+                 iterations: int = 20, batch_size: int = 50) -> Tensor:
+    """Pseudo-regions of every image: spherical k-means of the image's own patch tokens.
+
+    Args:
+        network: the (frozen, randomly initialised) network whose tokens are clustered.
+        data: dataset of (image (3, H, W) in [0, 1], label); labels are not used.
+        clusters: regions per image (K).
+        generator: draws each image's K starting tokens.
+
+    Returns:
+        (N, H/p, W/p) uint8 region ids in [0, K): the nearest of K centres (cosine), after
+        ``iterations`` rounds of assignment and mean update; a centre that wins no token stays put.
+    """
+    out = []
+    for images, _ in DataLoader(data, batch_size=batch_size):
+        _, tokens = network.tokens(images.float())
+        b, h, w, c = tokens.shape
+        x = F.normalize(tokens.reshape(b, h * w, c).float(), dim=-1)  # (b, P, C)
+        start = torch.stack([torch.randperm(h * w, generator=generator)[:clusters] for _ in range(b)])
+        centres = x[torch.arange(b)[:, None], start.to(x.device)]  # (b, K, C)
+        for _ in range(iterations):
+            onehot = F.one_hot(torch.einsum("bpc,bkc->bpk", x, centres).argmax(-1), clusters).to(x.dtype)
+            sums = torch.einsum("bpk,bpc->bkc", onehot, x)
+            centres = torch.where(onehot.sum(1)[..., None] > 0, F.normalize(sums, dim=-1), centres)
+        assign = torch.einsum("bpc,bkc->bpk", x, centres).argmax(-1)
+        out.append(assign.reshape(b, h, w).to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+def region_ids(boxes: Tensor, masks: Tensor, grid: int) -> Tensor:
+    """The pseudo-region under the centre of each patch of crops: boxes (B, 5) (:class:`MultiCrop`),
+    masks (B, G, G) region ids of the whole images -> (B, grid, grid) long (``grid=1``: the crop centre)."""
+    whole = boxes.new_tensor([0.0, 0.0, 1.0, 1.0, 0.0]).expand(len(boxes), 5)
+    points, _ = correspondence(boxes, whole, grid)  # patch centres in whole-image coordinates
+    ids = F.grid_sample(masks[:, None].float(), points.to(boxes.dtype), mode="nearest", align_corners=False)
+    return ids[:, 0].long()
+
+
+def region_contrast_loss(global_patches: Sequence[Tensor], global_ids: Sequence[Tensor],
+                         local_patches: Sequence[Tensor], local_ids: Tensor, clusters: int, projector: nn.Module,
+                         temperature: float) -> Tensor:
+    """Region-level contrast between crops (DetCon-style, with local crops).
+
+    Args:
+        global_patches: the 2 global crops' patch tokens, each (B, g, g, C).
+        global_ids: their patches' region ids (:func:`region_ids`), each (B, g, g).
+        local_patches: the local crops' patch tokens, each (B, l, l, C) (may be empty).
+        local_ids: (n_local, B) the region under each local crop's centre.
+        clusters: regions per image K (ids are in [0, K)).
+        projector: (N, C) -> (N, D) (:func:`expander`).
+
+    Returns:
+        scalar: NT-Xent over the regions with >= 2 patches in both global crops (a region's embedding
+        is the L2-normalised projection of its mean token; its positive is the same region in the
+        other crop, its negatives every other region of the batch in both crops), plus the mean over
+        (local crop, global crop) of the cross-entropy of each local crop's embedding against all
+        regions present in that global crop, the target being its own region (when it has >= 2
+        patches there); logits are cosines / ``temperature``.
+    """
+    embedded, counts = [], []
+    for z, ids in zip(global_patches, global_ids):
+        onehot = F.one_hot(ids.flatten(1), clusters).to(z.dtype)  # (B, P, K)
+        count = onehot.sum(1).flatten()  # (B*K,)
+        pooled = torch.einsum("bpk,bpc->bkc", onehot, z.flatten(1, 2)).flatten(0, 1) / count.clamp_min(1)[:, None]
+        present = (count > 0).nonzero()[:, 0]
+        rows = F.normalize(projector(pooled[present]), dim=1)
+        embedded.append(rows.new_zeros(len(count), rows.shape[1]).index_copy(0, present, rows))  # (B*K, D)
+        counts.append(count)
+    both = (counts[0] >= 2) & (counts[1] >= 2)
+    n = int(both.sum())
+    pair = torch.cat([embedded[0][both], embedded[1][both]])  # (2n, D)
+    logits = (pair @ pair.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=pair.device), -1e9)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(pair.device)
+    total = F.cross_entropy(logits, target)
+    if len(local_patches):
+        local = torch.stack([p.mean(dim=(1, 2)) for p in local_patches])  # (L, B, C)
+        local = F.normalize(projector(local.flatten(0, 1)), dim=1).view(*local.shape[:2], -1)
+        terms = []
+        batch = torch.arange(local.shape[1], device=local.device)
+        for emb, count in zip(embedded, counts):
+            absent = count == 0
+            for z, ids in zip(local, local_ids):
+                own = batch * clusters + ids.to(local.device)
+                ok = count[own] >= 2
+                if ok.any():
+                    scores = (z[ok] @ emb.T / temperature).masked_fill(absent[None], -1e9)
+                    terms.append(F.cross_entropy(scores, own[ok]))
+        if terms:
+            total = total + torch.stack(terms).mean()
+    return total
 
 
 @torch.no_grad()
@@ -762,13 +869,17 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         dense = cfg.dense_weight > 0
 
         vicreg = dense and cfg.dense_objective == "vicreg"
+        regions = dense and cfg.dense_objective == "regions"
+        dense_dino = dense and cfg.dense_objective == "dino"
         use_dino = cfg.dino_weight > 0
-        use_teacher = use_dino or (dense and not vicreg)  # teacher outputs are targets of the DINO terms only
+        use_teacher = use_dino or dense_dino  # teacher outputs are targets of the DINO terms only
 
         def heads() -> tuple[DINOHead, nn.Module | None]:
             head = DINOHead(cfg.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer)
             if vicreg:
                 patch_head = expander(cfg.embed_dim, cfg.expander_dim)
+            elif regions:
+                patch_head = expander(cfg.embed_dim, cfg.hidden_dim, cfg.bottleneck_dim)
             elif dense:
                 patch_head = DINOHead(cfg.embed_dim, cfg.dense_out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
                                       cfg.norm_last_layer)
@@ -786,6 +897,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
         if keep:
             init.backbone.load_state_dict(student.backbone.state_dict())
             init.backbone.requires_grad_(False).eval()
+        masks = None
+        if regions:  # from the seed's initialisation, before a resumed state is loaded: the same every time
+            student.eval()
+            masks = region_masks(student, data, cfg.region_clusters, _generator(cfg.seed, 5))
+            student.train()
         # DINO's parameter groups: no weight decay on biases and norm parameters (1-d tensors).
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -793,7 +909,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
              {"params": [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")], "decay": False,
               "weight_decay": 0.0}], lr=0.0)
         last_layer = list(student.head.last_layer.parameters())
-        if dense and not vicreg:
+        if dense_dino:
             last_layer += list(student.patch_head.last_layer.parameters())
         center = torch.zeros(1, cfg.out_dim, device=device)
         patch_center = torch.zeros(1, cfg.dense_out_dim, device=device)
@@ -842,7 +958,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                     order = torch.randperm(len(data), generator=_generator(cfg.seed, 0, epoch))
                     batches = order[: steps_per_epoch * cfg.batch_size].view(steps_per_epoch, cfg.batch_size)
                     loader = DataLoader(data, batch_sampler=batches[skip:].tolist(), num_workers=cfg.num_workers)
-                    for images, _ in loader:
+                    for (images, _), indices in zip(loader, batches[skip:]):
                         if step >= stop:
                             break
                         started = time.perf_counter()
@@ -870,7 +986,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                             s_out = student.head(s_cls).float() if use_dino else None
                             if vicreg:
                                 s_dense = [_apply_rows(student.patch_head, p).float() for p in s_patches[:2]]
-                            elif dense:
+                            elif dense_dino:
                                 with torch.no_grad():
                                     t_dense = [teacher.patch_head(p).float() for p in t_patches]
                                 s_dense = [student.patch_head(p).float() for p in s_patches]
@@ -883,6 +999,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                         if vicreg:
                             dense_value = dense_vicreg_loss(s_dense, boxes[:2].to(device), cfg.dense_radius,
                                                             cfg.vicreg_weights, _generator(cfg.seed, 3, step))
+                            loss = loss + cfg.dense_weight * dense_value
+                        elif regions:
+                            image_masks = masks[indices].to(device)
+                            dense_value = region_contrast_loss(
+                                [p.float() for p in s_patches[:2]],
+                                [region_ids(boxes[v].to(device), image_masks, s_patches[v].shape[1]) for v in (0, 1)],
+                                [p.float() for p in s_patches[2:]],
+                                torch.stack([region_ids(b.to(device), image_masks, 1)[:, 0, 0] for b in boxes[2:]])
+                                if len(boxes) > 2 else torch.zeros(0, len(images), dtype=torch.long),
+                                cfg.region_clusters, student.patch_head, cfg.region_temperature)
                             loss = loss + cfg.dense_weight * dense_value
                         elif dense:
                             dense_value = dense_dino_loss(s_dense, t_dense, boxes.to(device), patch_center,
@@ -918,7 +1044,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
                                 probs = F.softmax((t_out - center) / t_temp, dim=-1)
                                 entropy = float(-(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean())
                             center = update_center(center, t_out, cfg.center_momentum)
-                        if dense and not vicreg:
+                        if dense_dino:
                             patch_center = update_center(
                                 patch_center, torch.cat([p.flatten(0, 2) for p in t_dense]), cfg.center_momentum)
                         step += 1

@@ -13,8 +13,8 @@ import hpkit.pretrain
 from hpkit import BACKBONES, FrozenViT, load_backbone
 from hpkit.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, correspondence,
                             cosine_schedule, dense_dino_loss, dense_vicreg_loss, dino_loss, ema_update, export_backbone,
-                            neighbour_points, pretrain, similarity_keep_loss, teacher_temperature, update_center,
-                            vicreg_terms)
+                            neighbour_points, pretrain, region_contrast_loss, region_ids, region_masks,
+                            similarity_keep_loss, teacher_temperature, update_center, vicreg_terms)
 
 # 8 scenes of 32 px, 2 steps per epoch, 2 epochs: covers the frozen last layer (epoch 0), warm-ups and an epoch change.
 TINY = dict(num_images=8, image_size=32, global_crop_size=32, local_crop_size=16, num_local_crops=2, depth=2,
@@ -233,6 +233,103 @@ def test_dino_weight_zero_leaves_the_dense_vicreg_term_alone(tmp_path):
         PretrainConfig(dino_weight=0.0)
     with pytest.raises(ValueError, match="must be >= 0"):
         PretrainConfig(dino_weight=-1.0)
+
+
+class _Tokens(nn.Module):
+    """A stand-in network whose patch tokens are the images' 2 x 2 pixel blocks' mean colours."""
+
+    def tokens(self, images):
+        t = nn.functional.avg_pool2d(images, 2).permute(0, 2, 3, 1)
+        return t[:, 0, 0], t
+
+
+def test_region_masks_split_an_image_into_its_colour_regions():
+    images = torch.zeros(3, 3, 8, 8)
+    images[:, 0] = 1.0  # red everywhere ...
+    images[:, :, :, 4:] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]  # ... except a blue right half
+    images[1] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    images[1, :, 4:] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # image 1: red top, green bottom
+    data = [(img, 0) for img in images]
+    masks = region_masks(_Tokens(), data, 2, torch.Generator().manual_seed(0), batch_size=2)
+    assert masks.shape == (3, 4, 4) and masks.dtype == torch.uint8
+    for m, expected in zip(masks.long(), (lambda y, x: x >= 2, lambda y, x: y >= 2, lambda y, x: x >= 2)):
+        y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        truth = expected(y, x)
+        assert len(m[truth].unique()) == 1 and len(m[~truth].unique()) == 1 and m[truth][0] != m[~truth][0]
+    # K = 3 on a 2-colour image: every token still lands with its own colour's centre(s).
+    three = region_masks(_Tokens(), data[:1], 3, torch.Generator().manual_seed(1))[0].long()
+    assert not set(three[:, :2].flatten().tolist()) & set(three[:, 2:].flatten().tolist())
+
+
+def test_region_ids_read_the_mask_under_each_patch_centre():
+    masks = torch.arange(2 * 64).view(2, 8, 8) % 251
+    box = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0], [0.5, 0.5, 0.5, 0.5, 1.0]])  # bottom-right quarter, 2nd flipped
+    ids = region_ids(box, masks, 4)
+    assert torch.equal(ids[0], masks[0, 4:, 4:]) and torch.equal(ids[1], masks[1, 4:, 4:].flip(-1))
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]] * 2)
+    assert torch.equal(region_ids(whole, masks, 8), masks)
+    assert region_ids(box, masks, 1)[:, 0, 0].tolist() == [masks[0, 6, 6], masks[1, 6, 6]]  # the crop centre
+
+
+def test_region_contrast_loss_matches_an_explicit_computation():
+    g = torch.Generator().manual_seed(0)
+    b, k, tau = 3, 3, 0.5
+    crops = [torch.randn(b, 4, 4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    ids = [torch.randint(0, k, (b, 4, 4), generator=g) for _ in range(2)]
+    ids[0][0] = 0  # image 0 is one region in crop 0 ...
+    ids[1][1, :, :] = 2
+    ids[1][1, 0, 0] = 1  # ... region 1 of image 1 has a single patch in crop 1 (no pair, but a negative)
+    locals_ = [torch.randn(b, 2, 2, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    local_ids = torch.tensor([[0, 1, 2], [1, 0, 0]])
+    got = region_contrast_loss(crops, ids, locals_, local_ids, k, nn.Identity(), tau)
+
+    def emb(v):  # {(image, region): (normalised mean token, count)}
+        out = {}
+        for i in range(b):
+            for r in range(k):
+                sel = crops[v][i][ids[v][i] == r]
+                if len(sel):
+                    out[(i, r)] = (sel.mean(0) / sel.mean(0).norm(), len(sel))
+        return out
+
+    e = [emb(0), emb(1)]
+    pairs = [key for key in e[0] if key in e[1] and e[0][key][1] >= 2 and e[1][key][1] >= 2]
+    rows = [e[0][key][0] for key in pairs] + [e[1][key][0] for key in pairs]
+    n, gg = len(pairs), 0.0
+    for a in range(2 * n):
+        positive = (a + n) % (2 * n)
+        others = [math.exp(float(rows[a] @ rows[c]) / tau) for c in range(2 * n) if c != a]
+        gg += -float(rows[a] @ rows[positive]) / tau + math.log(sum(others))
+    gg /= 2 * n
+    terms = []
+    for v in range(2):
+        for crop, rid in zip(locals_, local_ids):
+            ce = []
+            for i in range(b):
+                key = (i, int(rid[i]))
+                if key not in e[v] or e[v][key][1] < 2:
+                    continue
+                z = crop[i].mean((0, 1))
+                z = z / z.norm()
+                scores = {other: float(z @ vec) / tau for other, (vec, _) in e[v].items()}
+                ce.append(-scores[key] + math.log(sum(math.exp(x) for x in scores.values())))
+            if ce:
+                terms.append(sum(ce) / len(ce))
+    assert n >= 3 and len(terms) == 4
+    assert float(got) == pytest.approx(gg + sum(terms) / len(terms), rel=1e-9)
+
+
+def test_regions_objective_trains_and_resumes(tmp_path):
+    cfg = PretrainConfig(**TINY | dict(dino_weight=0.0, dense_weight=1.0, dense_objective="regions",
+                                       region_clusters=3, local_crop_size=8))
+    full = pretrain(cfg, tmp_path / "full", max_steps=3, progress=False)
+    assert all(math.isfinite(h["dense_loss"]) and h["loss"] == pytest.approx(h["dense_loss"]) for h in full["history"])
+    pretrain(cfg, tmp_path / "split", max_steps=1, progress=False)
+    resumed = pretrain(cfg, tmp_path / "split", max_steps=3, progress=False, resume=True)
+    assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)  # the masks come from the seed's init
+    assert not hpkit.pretrain.trains_teacher(cfg)
+    with pytest.raises(ValueError, match="region_clusters must be"):
+        PretrainConfig(region_clusters=1)
 
 
 def test_similarity_keep_loss_matches_hand_computation():
