@@ -46,6 +46,11 @@ Where hpkit differs from the official DINO code (all configurable, see :class:`P
   shortcut: one code per image, which matches neighbours perfectly and separates images, but says
   nothing about regions; with it, an 80-step trial reached 37.5 linear-probe mIoU against 31.0 for
   the random backbone (README, *Status*);
+- ``dense_objective="regions"`` swaps it for region-level contrast (:func:`region_contrast_loss`,
+  after DetCon): pseudo-regions from k-means of each image's tokens under the frozen random
+  initialisation (:func:`region_masks`), matched between the two global crops and from each local
+  crop (which sees little context) to the region under its centre, with the batch's other regions,
+  those of the same image included, as negatives (README, *Status*);
 - ``keep_weight > 0`` adds a term that holds the patch tokens' cosine similarities close to those of
   the frozen random initialisation (:func:`similarity_keep_loss`); with dense VICReg alone it gave
   the bundled ``hp-tiny`` (data/README.md), and ``export_backbone`` then writes the student;
