@@ -333,7 +333,7 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
                 "folder?); reinstall from a clone with `pip install -e .`, or recreate them with the command in "
                 "data/README.md")
         weights = BUNDLED_WEIGHTS
-    source = Path(weights) if weights is not None else (_local_weights(spec) if spec.pretrained else None)
+    source = weights_source(name, weights)
     if source is not None:
         vit = _build_vit(spec)
         _load_into(vit, source, name)
