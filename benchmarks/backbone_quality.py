@@ -25,24 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpkit import BACKBONES, load_backbone  # noqa: E402
 from hpkit.data import SyntheticScenes  # noqa: E402
-from hpkit.diagnostics import attention_agreement, extract, kmeans_miou, linear_probe_miou, patch_labels  # noqa: E402
-from hpkit.explorer import positives_vs_pool_size  # noqa: E402
-
-
-def ghp_precision(pool_feats: torch.Tensor, val_feats: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
-    """Share of GHP positives with the anchor's class: the pool is one random patch of each scene of
-    pool_feats (M, C, h, w); the anchors are every patch of val_feats (N, C, h, w) with labels (N, h, w)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = pool_feats.flatten(2).transpose(1, 2)  # (M, hw, C)
-    pool = tokens[torch.arange(len(tokens)), torch.randint(0, tokens.shape[1], (len(tokens),), generator=g)]
-    anchors = F.normalize(val_feats.flatten(2).transpose(1, 2).reshape(-1, tokens.shape[-1]), dim=1)
-    return positives_vs_pool_size(anchors, pool, [len(pool)], labels.reshape(-1))["precision"][0]
+from hpkit.diagnostics import (attention_agreement, extract, ghp_precision, kmeans_miou,  # noqa: E402
+                               linear_probe_miou, patch_labels)
 
 
 def main(argv: list[str] | None = None) -> int:

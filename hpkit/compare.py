@@ -26,7 +26,7 @@ from .crf import crf_available, crf_batch
 from .data.build import build_dataset
 from .heads import to_rows
 from .metrics import confusion_matrix, segmentation_metrics
-from .probes import ClusterProbe
+from .probes import KMEANS_RESTARTS, ClusterProbe
 
 __all__ = ["Examples", "example_segmentations", "metrics_table", "format_table", "plot_runs",
            "KMEANS", "HP", "HP_CRF"]
@@ -100,7 +100,7 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
 
     fit = list(forward(list(range(count))))
     feats = torch.cat([f for _, _, f, _ in fit])
-    kmeans = ClusterProbe.from_kmeans(to_rows(feats), k, seed=run.cfg.train.seed)
+    kmeans = ClusterProbe.from_kmeans(to_rows(feats), k, seed=run.cfg.train.seed, restarts=KMEANS_RESTARTS)
 
     def kmeans_scores(f: torch.Tensor, size) -> torch.Tensor:
         return F.interpolate(kmeans(f), size=size, mode="bilinear", align_corners=False)

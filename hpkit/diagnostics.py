@@ -22,9 +22,9 @@ from .backbone import FrozenViT
 from .heads import to_rows
 from .local_positives import neighbour_index
 from .metrics import confusion_matrix, segmentation_metrics
-from .probes import ClusterProbe
+from .probes import KMEANS_RESTARTS, ClusterProbe
 
-__all__ = ["extract", "patch_labels", "linear_probe_miou", "kmeans_miou", "attention_agreement"]
+__all__ = ["extract", "patch_labels", "linear_probe_miou", "kmeans_miou", "attention_agreement", "ghp_precision"]
 
 
 @torch.no_grad()
@@ -88,10 +88,11 @@ def linear_probe_miou(train: dict[str, Tensor], val: dict[str, Tensor], n_classe
     return _scores(confusion, None, match=False)
 
 
-def kmeans_miou(val: dict[str, Tensor], n_classes: int, *, seed: int = 0) -> dict:
-    """k-means with k = ``n_classes`` on the val features, Hungarian-matched, scored per pixel."""
+def kmeans_miou(val: dict[str, Tensor], n_classes: int, *, seed: int = 0, restarts: int = KMEANS_RESTARTS) -> dict:
+    """k-means with k = ``n_classes`` (best of ``restarts`` by inertia) on the val features,
+    Hungarian-matched, scored per pixel."""
     feats = val["feats"]
-    probe = ClusterProbe.from_kmeans(to_rows(feats), n_classes, seed=seed)
+    probe = ClusterProbe.from_kmeans(to_rows(feats), n_classes, seed=seed, restarts=restarts)
     with torch.no_grad():
         scores = F.interpolate(probe(feats), size=val["labels"].shape[-2:], mode="bilinear", align_corners=False)
     return _scores(confusion_matrix(scores.argmax(1), val["labels"], n_classes, n_classes), None, match=True)
@@ -126,3 +127,23 @@ def attention_agreement(attn: Tensor, labels: Tensor) -> dict:
     rate = counts[:, 1].double() / counts.sum(1).clamp(min=1).double()
     return {"above": float(rate[1]), "below": float(rate[0]), "pairs_above": int(counts[1].sum()),
             "pairs_below": int(counts[0].sum())}
+
+
+def ghp_precision(pool_feats: Tensor, val_feats: Tensor, labels: Tensor, *, seed: int = 0) -> float:
+    """Share of global hidden positives (Eq. 2-3) that have the anchor's class.
+
+    Args:
+        pool_feats: (M, C, h, w) features of M scenes; the task-agnostic pool is one random patch of each.
+        val_feats: (N, C, h, w) features; every patch is an anchor.
+        labels: (N, h, w) patch labels of the anchors (:func:`patch_labels`), -1 = ignore.
+
+    Returns:
+        the precision in [0, 1] (:func:`hpkit.explorer.positives_vs_pool_size` with the whole pool).
+    """
+    from .explorer import positives_vs_pool_size  # the explorer draws figures; import it only here
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = pool_feats.flatten(2).transpose(1, 2)  # (M, hw, C)
+    pool = tokens[torch.arange(len(tokens)), torch.randint(0, tokens.shape[1], (len(tokens),), generator=g)]
+    anchors = F.normalize(val_feats.flatten(2).transpose(1, 2).reshape(-1, tokens.shape[-1]), dim=1)
+    return positives_vs_pool_size(anchors, pool, [len(pool)], labels.reshape(-1))["precision"][0]

@@ -6,8 +6,8 @@ size, and accumulates confusion matrices over all valid pixels for
 
 - ``cluster``: the cluster probe, Hungarian-matched to the classes (unsupervised);
 - ``linear``: the linear probe (identity matching);
-- ``kmeans_backbone``: k-means (k = number of classes) on the frozen backbone features, the baseline
-  the trained head should beat;
+- ``kmeans_backbone``: k-means (k = number of classes, best of ``kmeans_restarts`` runs by inertia) on
+  the frozen backbone features, the baseline the trained head should beat;
 - with ``crf=True`` also ``cluster_crf`` and ``linear_crf`` (:mod:`hpkit.crf`).
 
 Results are returned as a dict and written to ``eval.json`` (accuracy and mIoU in [0, 1]).
@@ -30,7 +30,7 @@ from .crf import crf_available, crf_batch
 from .data.build import build_dataset
 from .heads import SegmentationHead, to_rows
 from .metrics import confusion_matrix, segmentation_metrics
-from .probes import ClusterProbe, LinearProbe
+from .probes import KMEANS_RESTARTS, ClusterProbe, LinearProbe
 
 __all__ = ["evaluate", "score"]
 
@@ -44,11 +44,13 @@ def _summary(confusion: torch.Tensor, match: bool, names) -> dict:
 @torch.no_grad()
 def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, linear: LinearProbe, data: Dataset, *,
           crf: bool = False, kmeans: bool = True, max_images: int | None = None, batch_size: int = 8,
-          device: str | torch.device = "cpu", seed: int = 0) -> dict:
+          device: str | torch.device = "cpu", seed: int = 0, kmeans_restarts: int = KMEANS_RESTARTS) -> dict:
     """Metrics of a head and its probes on a labelled dataset (no files read or written).
 
     Segmentation features are bilinearly upsampled to the label size; one confusion matrix per
     method is accumulated over all valid pixels, then Hungarian-matched (cluster probe, k-means).
+    The k-means baseline keeps the best of ``kmeans_restarts`` runs by inertia (a single run's mIoU
+    spread over 12 points between seeds on the synthetic scenes).
 
     Returns:
         ``{"cluster": {...}, "linear": {...}, ["kmeans_backbone", "cluster_crf", "linear_crf"], "images",
@@ -91,7 +93,7 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
         notes.append(f"k-means baseline skipped: fewer patches than the {n_classes} classes")
     if kmeans:  # the baseline: k-means on the frozen backbone's patch features, scored like the cluster probe
         all_feats, all_labels = torch.cat(feats_rows), torch.cat(labels_rows)
-        baseline = ClusterProbe.from_kmeans(to_rows(all_feats), n_classes, seed=seed)
+        baseline = ClusterProbe.from_kmeans(to_rows(all_feats), n_classes, seed=seed, restarts=kmeans_restarts)
         scores = F.interpolate(baseline(all_feats), size=all_labels.shape[-2:], mode="bilinear", align_corners=False)
         confusion["kmeans_backbone"] = confusion_matrix(scores.argmax(1), all_labels, n_classes, n_classes)
     result = {k: _summary(v, match=not k.startswith("linear"), names=names) for k, v in confusion.items()}

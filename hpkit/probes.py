@@ -11,10 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.cluster.vq import kmeans2
+from scipy.cluster.vq import kmeans2, vq
 from torch import Tensor, nn
 
-__all__ = ["ClusterProbe", "LinearProbe", "fit_kmeans"]
+__all__ = ["ClusterProbe", "LinearProbe", "fit_kmeans", "KMEANS_RESTARTS"]
+
+# Restarts of the k-means *baselines* (evaluation, diagnostics): the best of 5 by inertia.
+KMEANS_RESTARTS = 5
 
 
 class ClusterProbe(nn.Module):
@@ -52,29 +55,39 @@ class ClusterProbe(nn.Module):
         return F.log_softmax(alpha * self(s), dim=1)
 
     @classmethod
-    def from_kmeans(cls, features: Tensor, n_clusters: int, *, seed: int = 0) -> "ClusterProbe":
+    def from_kmeans(cls, features: Tensor, n_clusters: int, *, seed: int = 0, restarts: int = 1) -> "ClusterProbe":
         """A probe whose centroids are :func:`fit_kmeans` of (N, D) features (the k-means baseline)."""
         probe = cls(features.shape[1], n_clusters)
         with torch.no_grad():
-            probe.centroids.copy_(fit_kmeans(features, n_clusters, seed=seed))
+            probe.centroids.copy_(fit_kmeans(features, n_clusters, seed=seed, restarts=restarts))
         return probe
 
 
-def fit_kmeans(features: Tensor, k: int, *, seed: int = 0, iterations: int = 50) -> Tensor:
+def fit_kmeans(features: Tensor, k: int, *, seed: int = 0, iterations: int = 50, restarts: int = 1) -> Tensor:
     """k-means on L2-normalised rows with ``scipy.cluster.vq.kmeans2`` (k-means++ initialisation).
 
     Args:
         features: (N, D) features.
         k: number of clusters.
+        restarts: runs from different k-means++ draws (``seed``, ``seed + 1``, ...); the one with the
+            lowest inertia (sum of squared distances to the nearest centroid) is kept, as
+            scikit-learn's ``n_init``. Single runs vary a lot on hard data.
 
     Returns:
         (k, D) float32 centroids (cosine scoring with :class:`ClusterProbe` normalises them).
     """
     if features.shape[0] < k:
         raise ValueError(f"k-means needs at least k={k} feature rows, got {features.shape[0]}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
     data = F.normalize(features.detach().float(), dim=1).cpu().numpy().astype(np.float64)
-    centroids, _ = kmeans2(data, k, iter=iterations, minit="++", seed=np.random.default_rng(seed))
-    return torch.from_numpy(centroids).float()
+    best, best_inertia = None, np.inf
+    for run in range(restarts):
+        centroids, _ = kmeans2(data, k, iter=iterations, minit="++", seed=np.random.default_rng(seed + run))
+        inertia = float(np.square(vq(data, centroids, check_finite=False)[1]).sum()) if restarts > 1 else 0.0
+        if inertia < best_inertia:
+            best, best_inertia = centroids, inertia
+    return torch.from_numpy(best).float()
 
 
 class LinearProbe(nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hpkit.diagnostics import attention_agreement, kmeans_miou, linear_probe_miou, patch_labels
+from hpkit.diagnostics import attention_agreement, ghp_precision, kmeans_miou, linear_probe_miou, patch_labels
 
 
 def test_patch_labels_take_the_centre_pixel():
@@ -33,3 +33,27 @@ def test_probes_on_separable_features_are_perfect():
     data = {"feats": feats, "labels": labels}
     assert linear_probe_miou(data, data, 2)["mean_iou"] == pytest.approx(1.0)
     assert kmeans_miou(data, 2)["pixel_accuracy"] == pytest.approx(1.0)
+
+
+def test_ghp_precision_matches_an_explicit_count():
+    # Independent count of Eq. 2-3: c_i = max cosine to the pool; j is a positive of i (j != i) when
+    # cos(i, j) > c_i or cos(i, j) > c_j; precision = positives of the anchor's class / all positives.
+    g = torch.Generator().manual_seed(4)
+    pool_feats = torch.randn(6, 5, 3, 3, generator=g)
+    val_feats = torch.randn(2, 5, 3, 4, generator=g)
+    labels = torch.randint(0, 3, (2, 3, 4), generator=g)
+    labels[0, 0, 0] = -1  # unlabelled anchors and positives are not counted
+    got = ghp_precision(pool_feats, val_feats, labels, seed=7)
+    pick = torch.randint(0, 9, (6,), generator=torch.Generator().manual_seed(7))
+    pool = [torch.nn.functional.normalize(pool_feats[m].flatten(1)[:, int(pick[m])], dim=0) for m in range(6)]
+    x = torch.nn.functional.normalize(val_feats.flatten(2).transpose(1, 2).reshape(-1, 5), dim=1)
+    y = labels.reshape(-1)
+    c = [max(float(x[i] @ p) for p in pool) for i in range(len(x))]
+    right = total = 0
+    for i in range(len(x)):
+        for j in range(len(x)):
+            s = float(x[i] @ x[j])
+            if i != j and (s > c[i] or s > c[j]) and y[i] >= 0 and y[j] >= 0:
+                total += 1
+                right += int(y[i] == y[j])
+    assert total > 10 and got == pytest.approx(right / total, abs=1e-6)

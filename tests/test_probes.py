@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hpkit.metrics import confusion_matrix, segmentation_metrics
 from hpkit.probes import ClusterProbe, LinearProbe, fit_kmeans
@@ -61,6 +62,26 @@ def test_kmeans_baseline_recovers_the_classes():
     assert fit_kmeans(rows, 3, seed=0).shape == (3, feats.shape[1])
     with pytest.raises(ValueError, match="at least k"):
         fit_kmeans(rows[:2], 3)
+
+
+def test_kmeans_restarts_keep_the_lowest_inertia():
+    # Four well-separated blobs, k = 4: single k-means++ runs sometimes merge two blobs; the best of
+    # several (by inertia, computed here independently with torch) is never worse than any one of them.
+    g = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    rows = torch.cat([c + 0.05 * torch.randn(200, 8, generator=g) for c in centres])
+    unit = F.normalize(rows, dim=1)
+
+    def inertia(centroids):
+        return float(torch.cdist(unit.double(), centroids.double()).amin(1).square().sum())
+
+    singles = [inertia(fit_kmeans(rows, 4, seed=s)) for s in range(6)]
+    assert singles[0] > 5 * min(singles)  # seed 0 alone merges two blobs (125.5 vs 13.9)
+    best = fit_kmeans(rows, 4, seed=0, restarts=6)
+    assert inertia(best) == pytest.approx(min(singles), rel=1e-6)
+    assert torch.equal(fit_kmeans(rows, 4, seed=0, restarts=1), fit_kmeans(rows, 4, seed=0))
+    with pytest.raises(ValueError, match="restarts must be >= 1"):
+        fit_kmeans(rows, 4, restarts=0)
 
 
 def test_linear_probe_fits_and_ignores_invalid_labels():
