@@ -52,8 +52,12 @@ Where hpkit differs from the official DINO code (all configurable, see :class:`P
   crop (which sees little context) to the region under its centre, with the batch's other regions,
   those of the same image included, as negatives (README, *Status*);
 - ``keep_weight > 0`` adds a term that holds the patch tokens' cosine similarities close to those of
-  the frozen random initialisation (:func:`similarity_keep_loss`); with dense VICReg alone it gave
-  the bundled ``hp-tiny`` (data/README.md), and ``export_backbone`` then writes the student;
+  the frozen initialisation (:func:`similarity_keep_loss`); when no DINO term trains against the
+  teacher, ``export_backbone`` writes the student;
+- ``init_weights=FILE`` starts from an exported backbone instead of the seed's random
+  initialisation (the keep term and the pseudo-regions then refer to it), so that recipes can be
+  chained; the file's digest and metadata travel with the export (data/README.md gives the chain
+  behind the bundled ``hp-tiny``);
 - the teacher temperature is 0.04 throughout (DINO's default for ViT-S/16, 100 epochs); DINO's
   0.04 -> 0.07 warm-up over 30 epochs (``warmup_teacher_temp_epochs``) is meant for long runs: in a
   300-step trial it drove the teacher towards the uniform distribution.
@@ -100,9 +104,9 @@ from .backbone import BACKBONES
 
 __all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
            "correspondence", "dense_dino_loss", "neighbour_points", "vicreg_terms", "dense_vicreg_loss", "expander",
-           "similarity_keep_loss", "region_masks", "region_ids", "region_contrast_loss",
+           "similarity_keep_loss", "load_init_weights", "region_masks", "region_ids", "region_contrast_loss",
            "update_center", "ema_update", "cosine_schedule", "teacher_temperature", "pretrain", "trains_teacher",
-           "export_backbone",
+           "export_backbone", "save_backbone_file", "read_backbone_metadata", "atomic_write", "pretraining_images",
            "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -198,6 +202,11 @@ class PretrainConfig:
     # dense term adds texture.
     keep_weight: float = 0.0
     keep_samples: int = 1024
+    # Start the backbone from this .safetensors file (an ``export_backbone`` file or any timm-keyed
+    # state dict of the same architecture) instead of the seed's random initialisation; the keep term
+    # then holds *its* cosine structure, and ``region_masks`` are computed from it. The run records
+    # the file's sha256 and refuses to resume from a file with other content.
+    init_weights: str | None = None
     momentum_teacher: float = 0.996  # cosine schedule to 1.0
     # Optimisation: AdamW, linear warm-up then cosine; lr is per 256 images (scaled by batch_size / 256).
     batch_size: int = 32
@@ -781,22 +790,28 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _dataset(cfg: PretrainConfig) -> Dataset:
-    """The pretraining images (labels are never used)."""
-    if cfg.dataset == "synthetic":
+def pretraining_images(dataset: str, root: str | None, num_images: int | None, image_size: int,
+                       data_seed: int) -> Dataset:
+    """The images of a ``dataset="synthetic"`` (train scenes) or ``"folder"`` (``root``) run, as
+    ``(image (3, S, S) in [0, 1], label)`` pairs whose labels are never used."""
+    if dataset == "synthetic":
         from .data.synthetic import SyntheticScenes
 
-        return SyntheticScenes("train", num_images=cfg.num_images or 1000, image_size=cfg.image_size,
-                               seed=cfg.data_seed)
+        return SyntheticScenes("train", num_images=num_images or 1000, image_size=image_size, seed=data_seed)
     from .data.folder import ImageFolder
 
-    data = ImageFolder(cfg.root, image_size=cfg.image_size)
-    if cfg.num_images is not None and cfg.num_images < len(data):
-        data = Subset(data, range(cfg.num_images))
+    data = ImageFolder(root, image_size=image_size)
+    if num_images is not None and num_images < len(data):
+        data = Subset(data, range(num_images))
     return data
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _dataset(cfg: PretrainConfig) -> Dataset:
+    """The pretraining images (labels are never used)."""
+    return pretraining_images(cfg.dataset, cfg.root, cfg.num_images, cfg.image_size, cfg.data_seed)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -893,6 +908,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             return head, patch_head
 
         student = DINONet(build_vit(cfg), *heads()).to(device)
+        init_sha256, init_meta = None, None
+        if cfg.init_weights is not None:
+            init_sha256 = load_init_weights(student.backbone, cfg.init_weights)
+            init_meta = read_backbone_metadata(cfg.init_weights)
         teacher = DINONet(build_vit(cfg, drop_path_rate=0.0), *heads()).to(device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False).eval()
@@ -930,6 +949,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             if changed:
                 raise ValueError("cannot resume with a different configuration; changed (now, before): "
                                  + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in changed.items()))
+            if state.get("init_weights_sha256") != init_sha256:
+                raise ValueError(f"cannot resume: the content of init_weights={cfg.init_weights} has changed since "
+                                 "the run started (its sha256 differs); put the original file back or start a "
+                                 "new run in another folder")
             student.load_state_dict(state["student"])
             teacher.load_state_dict(state["teacher"])
             optimizer.load_state_dict(state["optimizer"])
@@ -945,11 +968,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
             state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
                      "optimizer": optimizer.state_dict(), "center": center, "patch_center": patch_center, "step": step, "history": history,
                      "seconds": seconds, "steps_per_epoch": steps_per_epoch, "rng": torch.get_rng_state(),
-                     "config": _config_dict(cfg)}
+                     "config": _config_dict(cfg), "init_weights_sha256": init_sha256,
+                     "init_weights_metadata": init_meta}
             if keep:
                 state["init_backbone"] = init.backbone.state_dict()
-            _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-            _atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history)))
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+            atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history)))
 
         crop = MultiCrop(cfg)
         n_crops = 2 + cfg.num_local_crops
@@ -1080,6 +1104,30 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: bool = False, 
     return {"history": history, "steps": step, "seconds": seconds, "checkpoint": ckpt_path}
 
 
+def load_init_weights(backbone: nn.Module, path: str | Path) -> str:
+    """Load a ``.safetensors`` backbone file into ``backbone`` (``PretrainConfig.init_weights``).
+
+    Returns:
+        the file's sha256 (hex), which the run records.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file's tensors do not fit the configured architecture.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_weights={path} does not exist: give a .safetensors backbone file, for "
+                                "example one written by `hpkit pretrain ... --export FILE`")
+    try:
+        backbone.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise ValueError(f"init_weights={path} does not fit the configured ViT (patch_size, embed_dim, depth, "
+                         f"num_heads, img_size must match the run that wrote it): {err}") from None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 # ----------------------------------------------------------------------------------------- export
 
 def trains_teacher(cfg: PretrainConfig) -> bool:
@@ -1105,8 +1153,6 @@ def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float
         ``path``. Load it with ``hpkit.load_backbone("random_tiny", weights=path)`` when the
         architecture is the default one (``PretrainConfig().matches_random_tiny``).
     """
-    from safetensors.torch import save_file
-
     source, path = Path(source), Path(path)
     ckpt = source / CHECKPOINT if source.is_dir() else source
     if not ckpt.is_file():
@@ -1125,7 +1171,6 @@ def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float
     weights = {k[len("backbone."):]: v.to(getattr(torch, dtype)).contiguous()
                for k, v in state[network].items() if k.startswith("backbone.")}
     history = state["history"]
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": f"hpkit-pretrained ViT ({network} backbone, timm keys)", "network": network,
             "timm_name": _TINY.timm_name,
             "loads_as": "random_tiny" if cfg.matches_random_tiny else None, "dtype": dtype,
@@ -1133,39 +1178,58 @@ def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float
             "epochs": round(state["step"] / state["steps_per_epoch"], 2),
             "training_seconds": round(state["seconds"], 1), "final_loss": history[-1]["loss"] if history else None,
             "config": state["config"]}
+    if state.get("init_weights_sha256"):  # where the run started: the file's digest and its own metadata
+        meta["init_weights"] = {"sha256": state["init_weights_sha256"],
+                                "metadata": state.get("init_weights_metadata")}
+
+    return save_backbone_file(weights, path, meta)
+
+
+def read_backbone_metadata(path: str | Path) -> dict | None:
+    """The ``hpkit`` metadata of a ``.safetensors`` backbone file (:func:`save_backbone_file`), or None."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("hpkit")
+    return json.loads(raw) if raw else None
+
+
+def save_backbone_file(weights: dict[str, Tensor], path: str | Path, meta: dict) -> Path:
+    """Write timm-keyed backbone ``weights`` to ``path`` (.safetensors, ``meta`` as JSON under the
+    metadata key ``hpkit``) and ``meta`` plus the file's ``sha256`` beside it as ``.json``, both atomically.
+    Returns ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: Path) -> None:
         save_file(weights, str(tmp), metadata={"hpkit": json.dumps(meta)})
         os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; the weights are meant to be shipped
 
-    _atomic_write(path, write)
-    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    atomic_write(path, write)
+    meta = meta | {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return path
 
 
 # ------------------------------------------------------------------------------------ command line
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrain") -> None:
-    """``hpkit pretrain OUT_DIR [--FIELD VALUE ...] [--resume] [--max-steps N] [--export FILE]``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--export", metavar="FILE.safetensors", help="export the teacher backbone at the end")
-    parser.add_argument("--export-dtype", default="float32", choices=("float32", "float16"))
-    parser.add_argument("--export-network", default="auto", choices=("auto", "teacher", "student"),
-                        help="auto: the teacher when a DINO term trained it, else the student")
-    parser.add_argument("--no-progress", action="store_true")
-    defaults = PretrainConfig()
-    for f in dataclasses.fields(PretrainConfig):
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name V`` option per field of the dataclass ``cls`` (its defaults as help)."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
         value = getattr(defaults, f.name)
         kind = "comma-separated" if isinstance(value, tuple) else type(value).__name__
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, metavar="V",
                             help=f"{kind} (default {value})")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for f in dataclasses.fields(PretrainConfig):
+
+
+def config_from_flags(args: argparse.Namespace, cls: type):
+    """The ``cls`` instance of the parsed :func:`add_config_flags` options (unset ones keep their
+    defaults; ``none`` gives None; tuples are comma-separated; booleans 1/true/yes/on)."""
+    defaults, overrides = cls(), {}
+    for f in dataclasses.fields(cls):
         raw = getattr(args, f.name)
         if raw is None:
             continue
@@ -1182,7 +1246,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrai
             overrides[f.name] = float(raw)
         else:
             overrides[f.name] = raw
-    cfg = PretrainConfig(**overrides)
+    return cls(**overrides)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrain") -> None:
+    """``hpkit pretrain OUT_DIR [--FIELD VALUE ...] [--resume] [--max-steps N] [--export FILE]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--export", metavar="FILE.safetensors", help="export the teacher backbone at the end")
+    parser.add_argument("--export-dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--export-network", default="auto", choices=("auto", "teacher", "student"),
+                        help="auto: the teacher when a DINO term trained it, else the student")
+    parser.add_argument("--no-progress", action="store_true")
+    add_config_flags(parser, PretrainConfig)
+    args = parser.parse_args(argv)
+    cfg = config_from_flags(args, PretrainConfig)
     result = pretrain(cfg, args.out_dir, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     print(f"{result['steps']} steps in {result['seconds'] / 60:.1f} min; checkpoint {result['checkpoint']}")
     if args.export:

@@ -10,6 +10,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # dense_reference
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def unit(*shape, generator=None):
     return F.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
 

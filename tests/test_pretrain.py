@@ -1,6 +1,7 @@
 """DINO pretraining: the loss, center, EMA and schedules by hand; tiny runs that write atomically,
 resume exactly (also after Ctrl-C), stop on NaN; the exported backbone loads as ``random_tiny``."""
 
+import hashlib
 import json
 import math
 import signal
@@ -22,13 +23,7 @@ TINY = dict(num_images=8, image_size=32, global_crop_size=32, local_crop_size=16
             warmup_epochs=1, warmup_teacher_temp_epochs=1, checkpoint_every=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def losses(result):
@@ -383,6 +378,48 @@ def test_keep_term_holds_the_random_init_and_resumes(tmp_path):
     assert not torch.equal(state["student"]["backbone.pos_embed"], state["teacher"]["backbone.pos_embed"])
     with pytest.raises(ValueError, match="network must be"):
         export_backbone(tmp_path / "kept", tmp_path / "x.safetensors", network="ema")
+
+
+def test_init_weights_start_the_run_and_anchor_the_keep_term(tmp_path):
+    from safetensors.torch import load_file, save_file
+    vic = TINY | dict(dense_weight=1.0, dense_objective="vicreg", expander_dim=32, dino_weight=0.0, lr=0.5,
+                      num_local_crops=0, epochs=2, keep_samples=64, keep_weight=10.0)  # 4 steps
+    first = PretrainConfig(**vic)
+    pretrain(first, tmp_path / "first", progress=False)
+    start = export_backbone(tmp_path / "first", tmp_path / "start.safetensors")
+    weights = load_file(str(start))
+    torch.manual_seed(first.seed)
+    assert not torch.equal(weights["blocks.0.attn.qkv.weight"], build_vit(first).state_dict()["blocks.0.attn.qkv.weight"])
+    # Zero steps: the student, the teacher and the keep term's reference are the file, not the seed's init.
+    cfg = PretrainConfig(**vic | dict(init_weights=str(start), seed=1))
+    pretrain(cfg, tmp_path / "zero", max_steps=0, progress=False)
+    state = load(tmp_path / "zero" / CHECKPOINT)
+    for k, v in weights.items():
+        assert torch.equal(state["student"][f"backbone.{k}"], v) and torch.equal(state["teacher"][f"backbone.{k}"], v)
+        assert torch.equal(state["init_backbone"][k], v)
+    digest = hashlib.sha256(start.read_bytes()).hexdigest()
+    assert state["init_weights_sha256"] == digest
+    # A run from the file: the keep term is 0 at step 0 (the reference is the file), it resumes exactly,
+    # and the export records the starting file's digest.
+    full = pretrain(cfg, tmp_path / "run", progress=False)
+    assert full["history"][0]["keep_loss"] == pytest.approx(0.0, abs=1e-10)
+    pretrain(cfg, tmp_path / "split", max_steps=2, progress=False)
+    assert losses(pretrain(cfg, tmp_path / "split", progress=False, resume=True)) == pytest.approx(losses(full), abs=1e-6)
+    exported = export_backbone(tmp_path / "run", tmp_path / "next.safetensors")
+    recorded = json.loads(exported.with_suffix(".json").read_text())["init_weights"]
+    assert recorded["sha256"] == digest  # the starting file, and how it was made, travel with the export
+    made = json.loads(start.with_suffix(".json").read_text())
+    assert made.pop("sha256") == digest and recorded["metadata"] == made
+    # Other content in the same file: resuming is refused, with the reason.
+    save_file({k: v + 1 for k, v in weights.items()}, str(start))
+    with pytest.raises(ValueError, match="init_weights=.*has changed"):
+        pretrain(cfg, tmp_path / "split", progress=False, resume=True)
+    # A missing file and a file of another architecture get clear errors.
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrain(PretrainConfig(**vic | dict(init_weights=str(tmp_path / "none.safetensors"))), tmp_path / "x",
+                 progress=False)
+    with pytest.raises(ValueError, match="does not fit the configured ViT"):
+        pretrain(PretrainConfig(**vic | dict(init_weights=str(start), depth=3)), tmp_path / "y", progress=False)
 
 
 def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
