@@ -5,7 +5,8 @@ under ``torchrun`` on several GPUs), ``eval`` (metrics of a trained run, optiona
 ``--json`` prints one JSON object, ``--plots`` writes figures), ``segment`` (label map and overlay of
 one image), ``prepare`` (five-crop copies of a real dataset), ``download`` (a real dataset's sources,
 a resumable download and a layout check), ``pretrain`` (DINO pretraining of a tiny ViT,
-:mod:`hpkit.pretrain`).
+:mod:`hpkit.pretrain`), ``align-attention`` (train a backbone's last-block attention to follow its
+features' affinity, :mod:`hpkit.attention_alignment`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("--check", action="store_true", help="only check the folder's layout, download nothing")
     sub.add_parser("pretrain", add_help=False,
                    help="pretrain a tiny ViT with DINO (hpkit pretrain --help lists its settings)")
+    sub.add_parser("align-attention", add_help=False,
+                   help="train a backbone's last-block attention to follow its features' cosine affinity")
     seg = sub.add_parser("segment", help="segment an image with a trained run")
     seg.add_argument("image", help="image file (any size)")
     seg.add_argument("--checkpoint", required=True, help="run folder written by `hpkit train`")
@@ -62,11 +65,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["pretrain"]:  # its own parser: one flag per PretrainConfig field
-        from .pretrain import main as pretrain_main
+    if argv[:1] in (["pretrain"], ["align-attention"]):  # their own parsers: one flag per config field
+        if argv[0] == "pretrain":
+            from .pretrain import main as command
+        else:
+            from .attention_alignment import main as command
 
         try:
-            pretrain_main(argv[1:], prog="hpkit pretrain")
+            command(argv[1:], prog=f"hpkit {argv[0]}")
         except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
             print(f"hpkit: {err}", file=sys.stderr)
             return 2

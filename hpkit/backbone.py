@@ -139,6 +139,17 @@ class FrozenViT(nn.Module):
         Returns:
             ``BackboneOutput(feats (B, C, h, w), attn_logits (B, heads, P, P) or None)``.
         """
+        x, (h, w) = self.last_block_input(images, normalized=normalized)
+        vit, last = self.vit, self.vit.blocks[-1]
+        logits = self.last_attention_logits(x) if attention else None
+        x = vit.norm(last(x))
+        feats = x[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return BackboneOutput(feats, logits)
+
+    @torch.no_grad()
+    def last_block_input(self, images: Tensor, *, normalized: bool = False) -> tuple[Tensor, tuple[int, int]]:
+        """The tokens entering the last block: (B, T, C) with the prefix (class) token first, and the
+        patch grid ``(h, w)``; ``images`` as in :meth:`forward`."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
         h, w = self.grid(images.shape[2], images.shape[3])
@@ -154,13 +165,12 @@ class FrozenViT(nn.Module):
         x = vit.norm_pre(x)
         for blk in vit.blocks[:-1]:
             x = blk(x)
-        last = vit.blocks[-1]
-        logits = self._attention_logits(last, x) if attention else None
-        x = vit.norm(last(x))
-        feats = x[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        return BackboneOutput(feats, logits)
+        return x, (h, w)
 
-    def _attention_logits(self, block: nn.Module, x: Tensor) -> Tensor:
+    def last_attention_logits(self, x: Tensor) -> Tensor:
+        """(B, heads, P, P) pre-softmax patch-to-patch logits of the last block for its input tokens
+        ``x`` (B, T, C) (:meth:`last_block_input`); differentiable in the block's parameters."""
+        block = self.vit.blocks[-1]
         attn = block.attn
         b, t, _ = x.shape
         qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
