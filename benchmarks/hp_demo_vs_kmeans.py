@@ -8,8 +8,8 @@ Usage::
 For each backbone and seed: HP trained with the demo preset (512 synthetic train scenes, 4 epochs,
 batch 8; ``model.backbone`` set to the backbone, ``--set model.weights=FILE`` loads weights exported
 by ``hpkit pretrain`` into ``random_tiny``), then ``hpkit.evaluate.evaluate`` on the 64 val scenes:
-the cluster probe (Hungarian-matched), the linear probe, and k-means (k = 9, seeded by the run's
-seed) on the frozen backbone's val features, scored the same way. Prints a markdown table of pixel
+the cluster probe (Hungarian-matched), the linear probe, and k-means (k = 9, best of 5 restarts by
+inertia, seeded by the run's seed) on the frozen backbone's val features, scored the same way. Prints a markdown table of pixel
 accuracy / mIoU per run and the mean over seeds. Issue 4 asks that HP beat this k-means baseline
 clearly on the bundled backbone. About 3 minutes per run on 2 idle CPU cores.
 """
