@@ -1,5 +1,6 @@
 """Attention alignment: the target and loss by hand, what trains and what does not, the file it writes."""
 
+import hashlib
 import json
 import math
 
@@ -11,7 +12,6 @@ from hpkit.__main__ import main as cli
 from hpkit.attention_alignment import AlignConfig, affinity_targets, align_attention, align_file, attention_alignment_loss
 
 SMALL = dict(steps=4, batch_size=4, num_images=8, image_size=32, lr=1e-2)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -75,7 +75,6 @@ def test_align_file_records_its_source_and_loads(tmp_path, capsys):
     save_file(load_backbone("random_tiny").vit.state_dict(), str(source), metadata={"hpkit": json.dumps({"steps": 7})})
     out = align_file(source, tmp_path / "aligned.safetensors", AlignConfig(**SMALL), progress=False)
     meta = json.loads(out.with_suffix(".json").read_text())
-    import hashlib
     assert meta["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert meta["source"] == {"steps": 7} and meta["alignment"]["steps"] == 4 and meta["loads_as"] == "random_tiny"
     assert meta["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
