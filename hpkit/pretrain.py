@@ -594,7 +594,10 @@ def region_contrast_loss(global_patches: Sequence[Tensor], global_ids: Sequence[
         other crop, its negatives every other region of the batch in both crops), plus the mean over
         (local crop, global crop) of the cross-entropy of each local crop's embedding against all
         regions present in that global crop, the target being its own region (when it has >= 2
-        patches there); logits are cosines / ``temperature``.
+        patches there); logits are cosines / ``temperature``. A term with nothing to compare is 0.
+
+    Raises:
+        ValueError: neither term has anything to compare (crops too small for ``clusters``).
     """
     embedded, counts = [], []
     for z, ids in zip(global_patches, global_ids):
@@ -610,11 +613,12 @@ def region_contrast_loss(global_patches: Sequence[Tensor], global_ids: Sequence[
     pair = torch.cat([embedded[0][both], embedded[1][both]])  # (2n, D)
     logits = (pair @ pair.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=pair.device), -1e9)
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(pair.device)
-    total = F.cross_entropy(logits, target)
+    # No region in both crops (tiny crops, or many regions): the global-global term is 0 this step.
+    total = F.cross_entropy(logits, target) if n else pair.sum() * 0.0
+    terms = []
     if len(local_patches):
         local = torch.stack([p.mean(dim=(1, 2)) for p in local_patches])  # (L, B, C)
         local = F.normalize(projector(local.flatten(0, 1)), dim=1).view(*local.shape[:2], -1)
-        terms = []
         batch = torch.arange(local.shape[1], device=local.device)
         for emb, count in zip(embedded, counts):
             absent = count == 0
@@ -624,8 +628,12 @@ def region_contrast_loss(global_patches: Sequence[Tensor], global_ids: Sequence[
                 if ok.any():
                     scores = (z[ok] @ emb.T / temperature).masked_fill(absent[None], -1e9)
                     terms.append(F.cross_entropy(scores, own[ok]))
-        if terms:
-            total = total + torch.stack(terms).mean()
+    if terms:
+        total = total + torch.stack(terms).mean()
+    elif not n:
+        raise ValueError(f"region contrast has nothing to compare in this batch: no region has >= 2 patches in "
+                         f"both global crops (or, for a local crop, in a global crop). The crops are too small for "
+                         f"region_clusters={clusters}: raise global_crop_size or lower region_clusters")
     return total
 
 

@@ -314,6 +314,29 @@ def test_region_contrast_loss_matches_an_explicit_computation():
     assert float(got) == pytest.approx(gg + sum(terms) / len(terms), rel=1e-9)
 
 
+def test_region_contrast_loss_with_no_shared_region():
+    # Crop 0 sees only region 0 of each image, crop 1 only region 1: no region is in both, so the
+    # global-global term is 0 (not NaN) and the loss is the local term alone, written out here.
+    g = torch.Generator().manual_seed(1)
+    b, k, tau = 2, 3, 0.5
+    crops = [torch.randn(b, 2, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    ids = [torch.zeros(b, 2, 2, dtype=torch.long), torch.ones(b, 2, 2, dtype=torch.long)]
+    local = torch.randn(b, 2, 2, 4, generator=g, dtype=torch.float64)
+    got = region_contrast_loss(crops, ids, [local], torch.tensor([[0, 0]]), k, nn.Identity(), tau)
+    regions = [crops[0][i].detach().mean((0, 1)) for i in range(b)]  # crop 0's regions (image i, region 0)
+    ce = []
+    for i in range(b):  # only crop 0 holds the local crops' region 0; crop 1 gives no term
+        z = local[i].mean((0, 1))
+        scores = [float(z @ r) / float(z.norm() * r.norm()) / tau for r in regions]
+        ce.append(-scores[i] + math.log(sum(math.exp(x) for x in scores)))
+    assert got.item() == pytest.approx(sum(ce) / b, rel=1e-9)
+    got.backward()
+    assert crops[0].grad.abs().sum() > 0 and torch.isfinite(crops[1].grad).all()
+    # Without local crops nothing is left to compare: a clear error, not a NaN loss.
+    with pytest.raises(ValueError, match="crops are too small for region_clusters=3"):
+        region_contrast_loss(crops, ids, [], torch.zeros(0, b, dtype=torch.long), k, nn.Identity(), tau)
+
+
 def test_regions_objective_trains_and_resumes(tmp_path):
     cfg = PretrainConfig(**TINY | dict(dino_weight=0.0, dense_weight=1.0, dense_objective="regions",
                                        region_clusters=3, local_crop_size=8))
