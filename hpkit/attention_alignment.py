@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .backbone import BACKBONES, FrozenViT, load_backbone
+from .backbone import BACKBONES, FrozenViT, file_sha256, load_backbone
 from .pretrain import add_config_flags, config_from_flags, pretraining_images, read_backbone_metadata, save_backbone_file
 
 __all__ = ["AlignConfig", "affinity_targets", "attention_alignment_loss", "align_attention", "align_file", "main"]
@@ -162,7 +161,7 @@ def align_file(source: str | Path, out: str | Path, cfg: AlignConfig | None = No
             "parameters": sum(v.numel() for v in weights.values()), "alignment": dataclasses.asdict(cfg),
             "alignment_seconds": round(result["seconds"], 1),
             "first_loss": result["history"][0]["loss"], "final_loss": result["history"][-1]["loss"],
-            "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "source": source_meta}
+            "source_sha256": file_sha256(source), "source": source_meta}
     return save_backbone_file(weights, out, meta)
 
 

@@ -79,7 +79,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -100,7 +99,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .backbone import BACKBONES
+from .backbone import BACKBONES, file_sha256
 
 __all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
            "correspondence", "dense_dino_loss", "neighbour_points", "vicreg_terms", "dense_vicreg_loss", "expander",
@@ -1133,7 +1132,7 @@ def load_init_weights(backbone: nn.Module, path: str | Path) -> str:
     except RuntimeError as err:
         raise ValueError(f"init_weights={path} does not fit the configured ViT (patch_size, embed_dim, depth, "
                          f"num_heads, img_size must match the run that wrote it): {err}") from None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -1216,7 +1215,7 @@ def save_backbone_file(weights: dict[str, Tensor], path: str | Path, meta: dict)
         os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; the weights are meant to be shipped
 
     atomic_write(path, write)
-    meta = meta | {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    meta = meta | {"sha256": file_sha256(path)}
     atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return path
 

@@ -21,6 +21,7 @@ from hpkit.backbone import BUNDLED_WEIGHTS
 from hpkit.data import SyntheticScenes
 from hpkit.diagnostics import (attention_agreement, extract, ghp_precision, kmeans_miou, linear_probe_miou,
                                patch_labels)
+from hpkit.pretrain import _RUN_ONLY as RUN_ONLY  # settings that may differ between runs of one recipe
 from hpkit.pretrain import PretrainConfig
 
 
@@ -96,7 +97,7 @@ def check_flags(command: list[str], config: dict, defaults, paths: tuple[str, ..
         assert given == expected, (name, value, expected)
     named = {n[2:].replace("-", "_") for n in flags}
     for field, default in dataclasses.asdict(defaults).items():
-        if field not in named and field in config and field not in ("device", "num_workers", "checkpoint_every", "amp"):
+        if field not in named and field in config and field not in RUN_ONLY:
             value = list(default) if isinstance(default, tuple) else default
             assert config[field] == value, (field, config[field], default)
 
