@@ -2,9 +2,10 @@
 
 Commands: ``quickstart`` (one HP step, explained), ``train`` (a preset plus ``--set`` overrides;
 under ``torchrun`` on several GPUs), ``eval`` (metrics of a trained run, optionally with CRF;
-``--json`` prints one JSON object, ``--plots`` writes figures), ``segment`` (label map and overlay of
-one image), ``prepare`` (five-crop copies of a real dataset), ``download`` (a real dataset's sources,
-a resumable download and a layout check), ``pretrain`` (DINO pretraining of a tiny ViT,
+``--json`` prints one JSON object, ``--plots`` writes figures), ``segment`` (label map and a
+picture of one photo), ``sample-photos`` (real photos that installed packages ship, as a folder),
+``prepare`` (five-crop copies of a real dataset), ``download`` (a real dataset's sources, a
+resumable download and a layout check), ``pretrain`` (DINO pretraining of a tiny ViT,
 :mod:`hpkit.pretrain`), ``align-attention`` (train a backbone's last-block attention to follow its
 features' affinity, :mod:`hpkit.attention_alignment`).
 """
@@ -33,14 +34,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set loss.tau=0.6 (repeatable)")
     train.add_argument("--out", required=True, help="output folder (checkpoint, config, history)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--force", action="store_true", help="delete a run already in OUT and start over")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations")
     ev = sub.add_parser("eval", help="evaluate a trained run on its validation split")
-    ev.add_argument("run_dir", help="folder written by `hpkit train`")
+    ev.add_argument("run_dir", help="folder written by `hpkit train` (or its checkpoint.pt)")
     ev.add_argument("--crf", action="store_true", help="also report CRF-refined predictions")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     ev.add_argument("--max-images", type=int, default=None)
     ev.add_argument("--plots", action="store_true",
-                    help="also write history.png, confusion_cluster.png and confusion_linear.png into the run folder")
+                    help="also write history.png and confusion_cluster.png / confusion_linear.png (labelled data) "
+                         "or clusters.png (unlabelled) into the run folder")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     prep = sub.add_parser("prepare", help="write the five-crop training copies of a real dataset")
     prep.add_argument("dataset", help="cocostuff27 | cityscapes27 (potsdam3 needs no crops)")
     prep.add_argument("--root", required=True, help="the dataset folder (as data.root)")
@@ -55,10 +59,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="pretrain a tiny ViT with DINO (hpkit pretrain --help lists its settings)")
     sub.add_parser("align-attention", add_help=False,
                    help="train a backbone's last-block attention to follow its features' cosine affinity")
+    photos = sub.add_parser("sample-photos", help="copy the real sample photos that installed packages ship into DIR")
+    photos.add_argument("dir", help="folder to create (flat, no labels: train on it with data.dataset=folder)")
     seg = sub.add_parser("segment", help="segment an image with a trained run")
     seg.add_argument("image", help="image file (any size)")
-    seg.add_argument("--checkpoint", required=True, help="run folder written by `hpkit train`")
-    seg.add_argument("--out", default=None, help="write the colour overlay here (PNG)")
+    seg.add_argument("--checkpoint", required=True, help="run folder written by `hpkit train` (or its checkpoint.pt)")
+    seg.add_argument("--out", default=None, help="write photo | labels side by side with a legend here (PNG)")
+    seg.add_argument("--labels-out", default=None, help="write the label map here (PNG of ids; 255 = unmatched)")
+    seg.add_argument("--overlay-out", default=None, help="write the photo blended with the label colours here")
+    seg.add_argument("--size", type=int, default=None,
+                     help="shorter side the backbone sees (default: the run's data.val_size)")
     seg.add_argument("--crf", action="store_true", help="refine with the dense CRF")
     return parser
 
@@ -90,26 +100,20 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             cfg = get_config(args.preset, args.overrides)
-            result = train(cfg, args.out, resume=args.resume, max_steps=args.max_steps)
+            result = train(cfg, args.out, resume=args.resume, force=args.force, max_steps=args.max_steps)
             last = result["history"][-1]["loss"] if result["history"] else float("nan")
             if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
                 print(f"trained {result['steps']} steps, last loss {last:.4f}; checkpoint in {args.out}")
         elif args.command == "eval":
             from .evaluate import evaluate
 
-            result = evaluate(args.run_dir, crf=args.crf, max_images=args.max_images)
+            result = evaluate(args.run_dir, crf=args.crf, max_images=args.max_images, progress=not args.no_progress)
             if args.plots:
                 _write_plots(args.run_dir, result)
             if args.json:
                 print(json.dumps(result))
             else:
-                for key in ("cluster", "linear", "kmeans_backbone", "cluster_crf", "linear_crf"):
-                    if key in result:
-                        print(f"{key:>16}: accuracy {100 * result[key]['pixel_accuracy']:.1f}  "
-                              f"mIoU {100 * result[key]['mean_iou']:.1f}")
-                names = result["classes"]
-                print("cluster -> class: " + ", ".join(f"{k}->{names[c] if c >= 0 else '?'}"
-                                                       for k, c in enumerate(result["cluster"]["mapping"])))
+                _print_eval(result)
         elif args.command == "prepare":
             from .data.prepare import five_crop
 
@@ -123,18 +127,38 @@ def main(argv: list[str] | None = None) -> int:
             problems = check_layout(args.dataset, args.root)
             print("\n".join(problems) if problems else f"{args.root} is ready for {args.dataset}")
             return 1 if problems else 0
-        elif args.command == "segment":
-            from .segment import segment
+        elif args.command == "sample-photos":
+            from .data.samples import write_sample_photos
 
-            result = segment(args.image, args.checkpoint, crf=args.crf)
+            written = write_sample_photos(args.dir)
+            print(f"{len(written)} photos written to {args.dir}: {', '.join(p.name for p in written)}")
+        elif args.command == "segment":
+            from .segment import save_label_png, segment
+
+            for option in ("out", "labels_out", "overlay_out"):  # fail before the work, not after it
+                target = getattr(args, option)
+                if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+                    raise FileNotFoundError(f"--{option.replace('_', '-')} {target}: its folder does not exist")
+            result = segment(args.image, args.checkpoint, crf=args.crf, size=args.size)
             ids, counts = np.unique(result.labels, return_counts=True)
             names = result.class_names
-            parts = [f"{names[i] if 0 <= i < len(names) else i}: {100 * c / result.labels.size:.1f}%"
+            parts = [f"{names[i] if 0 <= i < len(names) else 'unmatched'}: {100 * c / result.labels.size:.1f}%"
                      for i, c in zip(ids.tolist(), counts.tolist())]
             print(f"{result.labels.shape[1]}x{result.labels.shape[0]} pixels; " + ", ".join(parts))
+            if result.note:
+                print(f"note: {result.note}")
             if args.out:
-                result.overlay.save(args.out)
-                print(f"overlay written to {args.out}")
+                import matplotlib
+
+                matplotlib.use("Agg")
+                result.figure().savefig(args.out, dpi=110)
+                print(f"photo and {result.named} written to {args.out}")
+            if args.labels_out:
+                save_label_png(result.labels, args.labels_out)
+                print(f"label map (ids; 255 = unmatched) written to {args.labels_out}")
+            if args.overlay_out:
+                result.overlay.save(args.overlay_out)
+                print(f"overlay written to {args.overlay_out}")
     except (ValueError, FileNotFoundError, ImportError, OSError, RuntimeError) as err:
         print(f"hpkit: {err}", file=sys.stderr)
         return 2
@@ -144,23 +168,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_plots(run_dir: str, result: dict) -> None:
-    from pathlib import Path
+def _print_eval(result: dict) -> None:
+    for note in result.get("notes", []):
+        print(f"note: {note}")
+    where = "the training images (no val split)" if result.get("split") == "train" else "the val split"
+    print(f"{result['images']} images of {where}, step {result.get('step')}")
+    if result.get("labelled") is False:
+        shares = ", ".join(f"cluster {k}: {100 * p:.1f}% of pixels in {100 * q:.0f}% of images"
+                           for k, (p, q) in enumerate(zip(result["pixel_share"], result["image_share"])))
+        print(f"{result['clusters']} clusters; {shares}")
+        return
+    for key in ("cluster", "linear", "kmeans_backbone", "cluster_crf", "linear_crf"):
+        if key in result:
+            print(f"{key:>16}: accuracy {100 * result[key]['pixel_accuracy']:.1f}  "
+                  f"mIoU {100 * result[key]['mean_iou']:.1f}")
+    names = result["classes"]
+    print("cluster -> class: " + ", ".join(f"{k}->{names[c] if c >= 0 else '?'}"
+                                           for k, c in enumerate(result["cluster"]["mapping"])))
 
+
+def _write_plots(run_dir: str, result: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from .plots import plot_confusion, plot_history
+    from .checkpoint import run_folder
+    from .plots import plot_cluster_gallery, plot_confusion, plot_history
 
-    out = Path(run_dir)
+    out = run_folder(run_dir)
     written = []
     if (out / "history.json").is_file():
         plot_history(out).savefig(out / "history.png", dpi=120)
         written.append("history.png")
-    for key in ("cluster", "linear"):
-        plot_confusion(result[key]["confusion"], result["classes"], title=f"{key} probe").savefig(
-            out / f"confusion_{key}.png", dpi=120)
-        written.append(f"confusion_{key}.png")
+    if result.get("labelled") is False:
+        plot_cluster_gallery(out).savefig(out / "clusters.png", dpi=100)
+        written.append("clusters.png")
+    else:
+        for key in ("cluster", "linear"):
+            plot_confusion(result[key]["confusion"], result["classes"], title=f"{key} probe").savefig(
+                out / f"confusion_{key}.png", dpi=120)
+            written.append(f"confusion_{key}.png")
     print(f"plots written to {out}: {', '.join(written)}", file=sys.stderr)
 
 

@@ -300,6 +300,16 @@ def _load_into(vit: nn.Module, path: Path, name: str) -> None:
             f"{result.unexpected_keys[:5]}; check that the file is for this architecture")
 
 
+_NOTICES_SHOWN: set[str] = set()
+
+
+def _notice(text: str) -> None:
+    """Print a notice on stderr once per process (a notebook loads the backbone many times)."""
+    if text not in _NOTICES_SHOWN:
+        _NOTICES_SHOWN.add(text)
+        print(text, file=sys.stderr, flush=True)
+
+
 def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
                   device: str | torch.device = "cpu") -> FrozenViT:
     """Build a frozen ViT backbone.
@@ -324,14 +334,12 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         if found is not None:
             return load_backbone("dino_vits8", weights=found, device=device)
         if BUNDLED_WEIGHTS.is_file():
-            print("hpkit: no DINO ViT-S/8 weights on this machine; using the bundled 'hp-tiny' backbone (a tiny "
-                  "ViT that hpkit pretrained self-supervised on its synthetic scenes; data/README.md). See README "
-                  "'Backbones'.",
-                  file=sys.stderr, flush=True)
+            _notice("hpkit: no DINO ViT-S/8 weights on this machine; using the bundled 'hp-tiny' backbone (a tiny "
+                    "ViT that hpkit pretrained self-supervised on its synthetic scenes only; data/README.md). See "
+                    "README 'Backbones'.")
             return load_backbone("hp-tiny", device=device)
-        print("hpkit: no DINO ViT-S/8 weights and no bundled 'hp-tiny' file on this machine; using the randomly "
-              "initialised 'random_tiny' backbone (features are meaningless). See README 'Backbones'.",
-              file=sys.stderr, flush=True)
+        _notice("hpkit: no DINO ViT-S/8 weights and no bundled 'hp-tiny' file on this machine; using the randomly "
+                "initialised 'random_tiny' backbone (features are meaningless). See README 'Backbones'.")
         name = "random_tiny"
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or 'auto'")

@@ -18,9 +18,14 @@ from .config import Config, from_dict
 from .heads import SegmentationHead
 from .probes import ClusterProbe, LinearProbe
 
-__all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "load_run", "TrainedRun"]
+__all__ = ["CHECKPOINT", "RUN_FILES", "DERIVED_FILES", "save_checkpoint", "load_checkpoint", "load_run", "TrainedRun",
+           "run_folder", "prepare_run_folder", "write_text_atomic"]
 
 CHECKPOINT = "checkpoint.pt"
+#: what a training run writes; a folder holding one of them holds a run
+RUN_FILES = (CHECKPOINT, "config.json", "history.json")
+#: what eval writes from a run's state (deleted when the run changes)
+DERIVED_FILES = ("eval.json", "history.png", "confusion_cluster.png", "confusion_linear.png", "clusters.png")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -31,9 +36,40 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder of ``path``: the folder itself, or the folder of a ``checkpoint.pt`` given directly."""
+    path = Path(path)
+    return path.parent if path.suffix == ".pt" and not path.is_dir() else path
+
+
+def prepare_run_folder(out: str | Path, *, resume: bool, force: bool) -> None:
+    """Make ``out`` ready for training: never replace a run silently, never keep stale outputs.
+
+    A folder holding a run (``checkpoint.pt``, ``config.json`` or ``history.json``) is refused unless
+    ``resume`` (continue it) or ``force`` (delete it and start over). Outputs derived from an earlier
+    state (``eval.json`` and the plots) are deleted either way: they would describe another model.
+    """
+    out = Path(out)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not resume and not force:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}): continue it with --resume "
+                              "(resume=True), or start over with --force (force=True), which deletes it")
+    stale = list(DERIVED_FILES) + ([] if resume else list(RUN_FILES) + [CHECKPOINT + ".tmp"])
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+
+
 def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict of a run folder (clear error when there is none)."""
-    path = Path(run_dir) / CHECKPOINT
+    """The checkpoint dict of a run folder (or of its ``checkpoint.pt``; clear error when there is none)."""
+    path = run_folder(run_dir) / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train first (`hpkit train` or hpkit.train.train)")
     return torch.load(path, map_location=device, weights_only=False)

@@ -27,6 +27,11 @@ class DataConfig:
     root: str | None = None  # dataset folder (not needed for synthetic)
     image_size: int = 224  # training crop (the official res)
     val_size: int = 320  # evaluation crop (hard-coded 320 in the official code)
+    # Geometry after resizing the shorter side (None: the dataset's default). train_crop: center |
+    # random (folder default: one random square per image, fixed for the run); val_crop: center (the
+    # paper's protocol) | whole (folder default: the whole image at its aspect ratio, scored at that size).
+    train_crop: str | None = None
+    val_crop: str | None = None
     num_train: int | None = None  # synthetic only: number of images (None: the dataset's size)
     num_val: int | None = None
     batch_size: int = 64
@@ -38,6 +43,7 @@ class ModelConfig:
     backbone: str = "dino_vits8"
     weights: str | None = None  # local checkpoint for the backbone
     dim: int = 512  # segmentation feature width D (K in the paper)
+    num_clusters: int | None = None  # the cluster probe's K (None: the number of classes; 8 without labels)
     dropout: float = 0.0  # Dropout2d on head inputs (official 0.1, D4)
     ema_momentum: float = 0.99  # momentum of S'
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from .backbone import FrozenViT
-from .checkpoint import load_run
+from .checkpoint import load_run, run_folder, write_text_atomic
 from .crf import MISSING_MESSAGE as CRF_MISSING
 from .crf import crf_available, crf_batch
 from .data.build import build_dataset
@@ -32,7 +35,10 @@ from .heads import SegmentationHead, to_rows
 from .metrics import confusion_matrix, segmentation_metrics
 from .probes import KMEANS_RESTARTS, ClusterProbe, LinearProbe
 
-__all__ = ["evaluate", "score"]
+#: the k-means baseline is fitted on at most this many patch rows (a seeded random subset)
+KMEANS_MAX_ROWS = 100_000
+
+__all__ = ["evaluate", "score", "cluster_sizes", "batches", "has_labels", "KMEANS_MAX_ROWS"]
 
 
 def _summary(confusion: torch.Tensor, match: bool, names) -> dict:
@@ -41,16 +47,37 @@ def _summary(confusion: torch.Tensor, match: bool, names) -> dict:
             "mapping": m["mapping"], "confusion": m["confusion"].tolist()}
 
 
+def batches(data: Dataset, count: int | None = None, batch_size: int = 8, *, progress: bool = False,
+            desc: str = "evaluation") -> Iterator[tuple[Tensor, Tensor]]:
+    """``(images (B, 3, H, W), labels (B, H, W))`` of the first ``count`` items, in order.
+
+    Consecutive items of the same size share a batch (at most ``batch_size``), so datasets of
+    photos at their own aspect ratio (``crop="whole"``) go through one item or one size at a time.
+    """
+    count = len(data) if count is None else min(count, len(data))
+    loader = DataLoader(Subset(data, range(count)), batch_size=batch_size, collate_fn=list)
+    for items in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        start = 0
+        for i in range(1, len(items) + 1):
+            if i == len(items) or items[i][0].shape != items[start][0].shape:
+                group = items[start:i]
+                yield torch.stack([x for x, _ in group]), torch.stack([y for _, y in group])
+                start = i
+
+
 @torch.no_grad()
 def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, linear: LinearProbe, data: Dataset, *,
           crf: bool = False, kmeans: bool = True, max_images: int | None = None, batch_size: int = 8,
-          device: str | torch.device = "cpu", seed: int = 0, kmeans_restarts: int = KMEANS_RESTARTS) -> dict:
+          device: str | torch.device = "cpu", seed: int = 0, kmeans_restarts: int = KMEANS_RESTARTS,
+          progress: bool = False) -> dict:
     """Metrics of a head and its probes on a labelled dataset (no files read or written).
 
     Segmentation features are bilinearly upsampled to the label size; one confusion matrix per
     method is accumulated over all valid pixels, then Hungarian-matched (cluster probe, k-means).
-    The k-means baseline keeps the best of ``kmeans_restarts`` runs by inertia (a single run's mIoU
-    spread over 12 points between seeds on the synthetic scenes).
+    The cluster probe's K clusters may outnumber the classes (extra clusters count as errors). The
+    k-means baseline uses the same K and keeps the best of ``kmeans_restarts`` runs by inertia (a
+    single run's mIoU spread over 12 points between seeds on the synthetic scenes); it is fitted on
+    at most ``KMEANS_MAX_ROWS`` patch rows (a seeded random subset), then assigns every patch.
 
     Returns:
         ``{"cluster": {...}, "linear": {...}, ["kmeans_backbone", "cluster_crf", "linear_crf"], "images",
@@ -60,7 +87,10 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
     names = list(getattr(data, "class_names", ()))
     if not names:
         raise ValueError("the validation data has no class names, so there is nothing to score against")
-    n_classes = len(names)
+    n_classes, k = len(names), cluster.centroids.shape[0]
+    if k < n_classes:
+        raise ValueError(f"the cluster probe has {k} clusters for {n_classes} classes: matching is one-to-one, "
+                         f"so train with model.num_clusters >= {n_classes}")
     was_training = head.training
     head.eval()
     notes = []
@@ -69,57 +99,107 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
         notes.append(f"CRF skipped: {CRF_MISSING}")
         warnings.warn(notes[-1], stacklevel=2)
     count = len(data) if max_images is None else min(max_images, len(data))
+    rows = {"cluster": k, "linear": n_classes, "cluster_crf": k, "linear_crf": n_classes, "kmeans_backbone": k}
     keys = ["cluster", "linear"] + (["cluster_crf", "linear_crf"] if crf else [])
-    confusion = {k: torch.zeros(n_classes, n_classes, dtype=torch.long) for k in keys}
-    feats_rows, labels_rows = [], []
-    for images, labels in DataLoader(torch.utils.data.Subset(data, range(count)), batch_size=batch_size):
+    confusion = {key: torch.zeros(rows[key], n_classes, dtype=torch.long) for key in keys}
+    kept = []  # (backbone features, labels) per batch, for the k-means baseline
+    for images, labels in batches(data, count, batch_size, progress=progress, desc="evaluation"):
         images, labels = images.to(device), labels.to(device)
         feats = backbone(images, attention=False).feats
         s = F.interpolate(head(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         cluster_scores, linear_logits = cluster(s), linear(s)
-        confusion["cluster"] += confusion_matrix(cluster_scores.argmax(1), labels, n_classes, n_classes).cpu()
+        confusion["cluster"] += confusion_matrix(cluster_scores.argmax(1), labels, k, n_classes).cpu()
         confusion["linear"] += confusion_matrix(linear_logits.argmax(1), labels, n_classes, n_classes).cpu()
         if crf:
             confusion["cluster_crf"] += confusion_matrix(crf_batch(images.cpu(), 2.0 * cluster_scores.cpu()),
-                                                         labels.cpu(), n_classes, n_classes)
+                                                         labels.cpu(), k, n_classes)
             confusion["linear_crf"] += confusion_matrix(crf_batch(images.cpu(), linear_logits.cpu()),
                                                         labels.cpu(), n_classes, n_classes)
         if kmeans:
-            feats_rows.append(feats.cpu())
-            labels_rows.append(labels.cpu())
+            kept.append((feats.cpu(), labels.cpu()))
     head.train(was_training)
-    if kmeans and sum(f.shape[0] * f.shape[2] * f.shape[3] for f in feats_rows) < n_classes:
+    patches = sum(f.shape[0] * f.shape[2] * f.shape[3] for f, _ in kept)
+    if kmeans and patches < k:
         kmeans = False
-        notes.append(f"k-means baseline skipped: fewer patches than the {n_classes} classes")
+        notes.append(f"k-means baseline skipped: fewer patches than the {k} clusters")
     if kmeans:  # the baseline: k-means on the frozen backbone's patch features, scored like the cluster probe
-        all_feats, all_labels = torch.cat(feats_rows), torch.cat(labels_rows)
-        baseline = ClusterProbe.from_kmeans(to_rows(all_feats), n_classes, seed=seed, restarts=kmeans_restarts)
-        scores = F.interpolate(baseline(all_feats), size=all_labels.shape[-2:], mode="bilinear", align_corners=False)
-        confusion["kmeans_backbone"] = confusion_matrix(scores.argmax(1), all_labels, n_classes, n_classes)
-    result = {k: _summary(v, match=not k.startswith("linear"), names=names) for k, v in confusion.items()}
+        all_rows = torch.cat([to_rows(f) for f, _ in kept])
+        if all_rows.shape[0] > KMEANS_MAX_ROWS:
+            pick = torch.randperm(all_rows.shape[0], generator=torch.Generator().manual_seed(seed))[:KMEANS_MAX_ROWS]
+            all_rows = all_rows[pick]
+        baseline = ClusterProbe.from_kmeans(all_rows, k, seed=seed, restarts=kmeans_restarts, progress=progress)
+        confusion["kmeans_backbone"] = torch.zeros(k, n_classes, dtype=torch.long)
+        for feats, labels in kept:
+            scores = F.interpolate(baseline(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            confusion["kmeans_backbone"] += confusion_matrix(scores.argmax(1), labels, k, n_classes)
+    result = {key: _summary(v, match=not key.startswith("linear"), names=names) for key, v in confusion.items()}
     result.update({"images": count, "classes": names, "notes": notes})
     if getattr(data, "colors", None) is not None:
         result["colors"] = [[int(v) for v in c] for c in data.colors]
     return result
 
 
+@torch.no_grad()
+def cluster_sizes(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, data: Dataset, *,
+                  max_images: int | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
+                  progress: bool = False) -> dict:
+    """What can be said without labels: each cluster's share of the pixels and of the images.
+
+    Returns:
+        ``{"labelled": False, "images", "clusters": K, "pixel_share": [K floats summing to 1],
+        "image_share": [K floats: the fraction of images where the cluster appears]}``.
+    """
+    k = cluster.centroids.shape[0]
+    was_training = head.training
+    head.eval()
+    pixels, present, count = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long), 0
+    for images, _ in batches(data, max_images, batch_size, progress=progress, desc="clusters"):
+        images = images.to(device)
+        s = F.interpolate(head(backbone(images, attention=False).feats), size=images.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        ids = cluster(s).argmax(1).cpu()
+        pixels += torch.bincount(ids.flatten(), minlength=k)
+        present += torch.stack([torch.bincount(m.flatten(), minlength=k) > 0 for m in ids]).sum(0)
+        count += images.shape[0]
+    head.train(was_training)
+    return {"labelled": False, "images": count, "clusters": k,
+            "pixel_share": (pixels.double() / pixels.sum().clamp(min=1)).tolist(),
+            "image_share": (present.double() / max(count, 1)).tolist()}
+
+
+def has_labels(data: Dataset) -> bool:
+    """Whether a dataset can be scored: it names its classes and (folders) its split has label maps."""
+    return bool(getattr(data, "class_names", ())) and getattr(data, "labelled", True)
+
+
 def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None = None,
-             batch_size: int = 8, device: str = "cpu") -> dict:
+             batch_size: int = 8, device: str = "cpu", progress: bool = False) -> dict:
     """Metrics of a training run on its validation split, also written to ``run_dir/eval.json``.
 
     Args:
-        run_dir: folder written by :func:`hpkit.train.train`.
+        run_dir: folder written by :func:`hpkit.train.train` (or its ``checkpoint.pt``).
         crf: also report CRF-refined predictions.
         max_images: evaluate only the first images (quick looks).
+        progress: show progress bars (images, k-means restarts).
 
     Returns:
-        the :func:`score` dict plus ``config`` (the resolved configuration, as a dict) and ``step``.
+        the :func:`score` dict (or, for data without labels, the :func:`cluster_sizes` dict) plus
+        ``split`` (the split scored: ``train`` for a folder without a val split), ``config`` (the
+        resolved configuration, as a dict), ``step`` and ``backbone``.
     """
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     run = load_run(run_dir, device)
     data = build_dataset(run.cfg, "val")
-    result = score(run.backbone, run.head, run.cluster, run.linear, data, crf=crf, max_images=max_images,
-                   batch_size=batch_size, device=device, seed=run.cfg.train.seed)
-    result.update({"config": run.state["config"], "step": run.state["step"], "backbone": run.backbone.name})
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    notes = list(getattr(data, "notes", []))
+    if has_labels(data):
+        result = score(run.backbone, run.head, run.cluster, run.linear, data, crf=crf, max_images=max_images,
+                       batch_size=batch_size, device=device, seed=run.cfg.train.seed, progress=progress)
+    else:
+        notes.append("no labels: reporting cluster sizes only (add label maps for metrics)")
+        result = cluster_sizes(run.backbone, run.head, run.cluster, data, max_images=max_images,
+                               batch_size=batch_size, device=device, progress=progress)
+    result["notes"] = notes + result.get("notes", [])
+    result.update({"split": getattr(data, "split_used", "val"), "config": run.state["config"],
+                   "step": run.state["step"], "backbone": run.backbone.name})
+    write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2))
     return result

@@ -15,7 +15,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-__all__ = ["plot_history", "plot_confusion", "colorize", "legend_handles", "plot_segmentation", "default_colors"]
+from .data.folder import default_colors  # noqa: F401 - part of this module's API
+
+__all__ = ["plot_history", "plot_confusion", "colorize", "legend_handles", "plot_segmentation", "default_colors",
+           "plot_cluster_gallery"]
 
 
 def _history(history: dict | str | Path) -> dict:
@@ -83,12 +86,6 @@ def plot_confusion(confusion, class_names: list[str], *, title: str = "Confusion
     return fig
 
 
-def default_colors(n: int) -> np.ndarray:
-    """(n, 3) uint8 distinct colours (matplotlib's tab20) for label maps without a palette."""
-    cmap = plt.get_cmap("tab20")
-    return (np.array([cmap(i % 20)[:3] for i in range(n)]) * 255).astype(np.uint8)
-
-
 def colorize(labels, colors) -> np.ndarray:
     """(H, W) int label map -> (H, W, 3) uint8 picture; ignored pixels (< 0) are black."""
     labels = np.asarray(labels)
@@ -132,4 +129,30 @@ def plot_segmentation(image, panels: dict[str, np.ndarray], class_names: list[st
     fig.legend(handles=legend_handles(class_names, colors), loc="outside right center", fontsize=8)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_cluster_gallery(run_dir: str | Path, *, images: int = 4) -> Figure:
+    """The first validation photos of a run next to their clusters (``hpkit eval --plots`` on data
+    without labels): one row per photo, photo | clusters, one legend for the K clusters."""
+    from .checkpoint import load_run, run_folder
+    from .data.build import build_dataset
+    from .segment import segment
+
+    run_dir = run_folder(run_dir)
+    data = build_dataset(load_run(run_dir).cfg, "val")
+    paths = list(getattr(data, "files", []))[:images]
+    if not paths:
+        raise ValueError(f"the run in {run_dir} has no photo files to show (data.dataset is not a folder)")
+    results = [segment(path, run_dir) for path in paths]
+    fig, axes = plt.subplots(len(paths), 2, figsize=(8, 3.2 * len(paths)), squeeze=False, layout="constrained")
+    for row, (path, seg) in zip(axes, zip(paths, results)):
+        row[0].imshow(seg.image)
+        row[0].set_title(Path(path).name, fontsize=8)
+        row[1].imshow(colorize(seg.labels, seg.colors), interpolation="nearest")
+        row[1].set_title(seg.named)
+        for ax in row:
+            ax.axis("off")
+    fig.legend(handles=legend_handles(results[0].class_names, results[0].colors), loc="outside right center",
+               fontsize=8)
     return fig

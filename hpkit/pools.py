@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .heads import MomentumHead
 
@@ -51,6 +52,7 @@ def collect_patch_bank(
     per_image: int = 1,
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> Tensor:
     """Run the backbone over ``num_images`` images and keep random patch features.
 
@@ -59,6 +61,7 @@ def collect_patch_bank(
         batches: iterable of image batches (B, 3, H, W) in [0, 1], or of tuples whose first item is one.
         num_images: how many images to use (the pool size M, or more for a larger bank).
         per_image: patches kept per image.
+        progress: show a progress bar over the images.
 
     Returns:
         (num_images * per_image, C) raw backbone features.
@@ -67,14 +70,17 @@ def collect_patch_bank(
         ValueError: fewer than ``num_images`` images were available.
     """
     rows, seen = [], 0
+    bar = tqdm(total=num_images, desc="reference pool", unit="img", disable=not progress, leave=False)
     for batch in batches:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         images = images[: num_images - seen].to(device)
         feats = backbone(images, attention=False)[0]
         rows.append(sample_patches(feats, per_image=per_image, generator=generator).cpu())
         seen += images.shape[0]
+        bar.update(images.shape[0])
         if seen >= num_images:
             break
+    bar.close()
     if seen < num_images:
         raise ValueError(f"only {seen} images available but the reference pool needs {num_images}: "
                          "lower the pool size M or use more images")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2, vq
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 __all__ = ["ClusterProbe", "LinearProbe", "fit_kmeans", "KMEANS_RESTARTS"]
 
@@ -55,15 +56,17 @@ class ClusterProbe(nn.Module):
         return F.log_softmax(alpha * self(s), dim=1)
 
     @classmethod
-    def from_kmeans(cls, features: Tensor, n_clusters: int, *, seed: int = 0, restarts: int = 1) -> "ClusterProbe":
+    def from_kmeans(cls, features: Tensor, n_clusters: int, *, seed: int = 0, restarts: int = 1,
+                    progress: bool = False) -> "ClusterProbe":
         """A probe whose centroids are :func:`fit_kmeans` of (N, D) features (the k-means baseline)."""
         probe = cls(features.shape[1], n_clusters)
         with torch.no_grad():
-            probe.centroids.copy_(fit_kmeans(features, n_clusters, seed=seed, restarts=restarts))
+            probe.centroids.copy_(fit_kmeans(features, n_clusters, seed=seed, restarts=restarts, progress=progress))
         return probe
 
 
-def fit_kmeans(features: Tensor, k: int, *, seed: int = 0, iterations: int = 50, restarts: int = 1) -> Tensor:
+def fit_kmeans(features: Tensor, k: int, *, seed: int = 0, iterations: int = 50, restarts: int = 1,
+               progress: bool = False) -> Tensor:
     """k-means on L2-normalised rows with ``scipy.cluster.vq.kmeans2`` (k-means++ initialisation).
 
     Args:
@@ -72,6 +75,7 @@ def fit_kmeans(features: Tensor, k: int, *, seed: int = 0, iterations: int = 50,
         restarts: runs from different k-means++ draws (``seed``, ``seed + 1``, ...); the one with the
             lowest inertia (sum of squared distances to the nearest centroid) is kept, as
             scikit-learn's ``n_init``. Single runs vary a lot on hard data.
+        progress: show a progress bar over the restarts.
 
     Returns:
         (k, D) float32 centroids (cosine scoring with :class:`ClusterProbe` normalises them).
@@ -82,7 +86,7 @@ def fit_kmeans(features: Tensor, k: int, *, seed: int = 0, iterations: int = 50,
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     data = F.normalize(features.detach().float(), dim=1).cpu().numpy().astype(np.float64)
     best, best_inertia = None, np.inf
-    for run in range(restarts):
+    for run in tqdm(range(restarts), desc=f"k-means (k={k})", disable=not progress, leave=False):
         centroids, _ = kmeans2(data, k, iter=iterations, minit="++", seed=np.random.default_rng(seed + run))
         inertia = float(np.square(vq(data, centroids, check_finite=False)[1]).sum()) if restarts > 1 else 0.0
         if inertia < best_inertia:

@@ -1,15 +1,20 @@
-"""Segment a new image with a trained run, on CPU, at any image size.
+"""Segment a photo with a trained run, on CPU, at any image size, in bounded memory.
 
-``segment(image, run_dir)`` returns a label map of the image's own size and a colour overlay. The
-image is resized so that both sides are multiples of the backbone's patch (nearest multiple, at least
-one patch; the label map is resized back), features are optionally averaged with the horizontal flip
-(as STEGO's evaluation), clusters come from the trained cluster probe and are named by the mapping
-found at evaluation time when ``eval.json`` exists, and the dense CRF can refine the result.
+``segment(image, run_dir)`` returns a label map of the photo's own size, its names and colours, an
+overlay, and :meth:`Segmentation.figure` (photo | labels with a legend). The photo is resized so
+its shorter side is ``size`` (default: the run's ``data.val_size``; both sides rounded to the
+backbone's patch), so a 4000 x 3000 photo costs what a 427 x 320 one does; features are optionally
+averaged with the horizontal flip (as STEGO's evaluation). The cluster scores are bilinearly
+upsampled to the photo's size, or, above ``MAX_PIXELS``, to a size with that many pixels and the
+label map then enlarged with nearest neighbour (the dense CRF, when asked, runs at that size too).
+Clusters are named by the mapping ``hpkit eval`` found when ``eval.json`` exists (clusters left
+unmatched get -1, "unmatched"), else ``cluster 0`` ... ``cluster K-1``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,67 +23,129 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoint import load_run, run_folder
 from .crf import dense_crf
-from .data.folder import load_rgb
-from .data.synthetic import CLASS_NAMES
-from .checkpoint import load_run
+from .data.folder import default_colors, load_rgb, resize_shorter
 
-__all__ = ["segment", "Segmentation"]
+__all__ = ["segment", "Segmentation", "MAX_PIXELS", "save_label_png"]
+
+#: label maps above this many pixels are computed at this size and enlarged with nearest neighbour
+MAX_PIXELS = 2_000_000
 
 
 @dataclass
 class Segmentation:
-    labels: np.ndarray  # (H, W) int64 class ids (cluster ids mapped to classes when known)
-    overlay: Image.Image  # the image blended with the label colours
-    class_names: list[str]
+    """A segmented photo."""
+
+    labels: np.ndarray  # (H, W) int64 ids into class_names; -1 = a cluster with no matched class
+    overlay: Image.Image  # the photo blended with the label colours
+    class_names: list[str]  # the name of each id
+    colors: np.ndarray  # (len(class_names), 3) uint8
+    image: Image.Image  # the photo (RGB)
+    named: str = "clusters"  # "clusters" (cluster k) or "classes" (matched by hpkit eval)
+    note: str = ""  # how to read the names (e.g. that they are the synthetic demo's classes)
+
+    def figure(self, max_side: int = 1024):
+        """Photo | labels side by side with a legend of the ids present (share of the pixels).
+
+        Returns a matplotlib Figure (``fig.savefig(path)``); large photos are shown downscaled.
+        """
+        from .plots import plot_segmentation
+
+        scale = min(1.0, max_side / max(self.image.size))
+        size = (max(1, round(self.image.width * scale)), max(1, round(self.image.height * scale)))
+        photo = np.asarray(self.image.resize(size, Image.BILINEAR))
+        labels = np.asarray(Image.fromarray(self.labels.astype(np.int32)).resize(size, Image.NEAREST))
+        ids, counts = np.unique(self.labels, return_counts=True)
+        share = dict(zip(ids.tolist(), (counts / self.labels.size).tolist()))
+        present = [i for i in range(len(self.class_names)) if i in share]
+        names = [f"{self.class_names[i]} ({100 * share[i]:.0f}%)" for i in present]
+        colors = self.colors[present]
+        remap = np.full(len(self.class_names), -1)
+        remap[present] = np.arange(len(present))
+        shown = np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
+        if -1 in share:
+            names.append(f"unmatched ({100 * share[-1]:.0f}%)")
+            colors = np.concatenate([colors, np.zeros((1, 3), np.uint8)])
+        fig = plot_segmentation(photo, {self.named: shown}, names, colors)
+        if self.note:
+            fig.suptitle(self.note, fontsize=9)
+        return fig
+
+
+def save_label_png(labels: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W) id map as PNG: 8-bit with -1 stored as 255, or 16-bit when ids reach 255."""
+    path = Path(path)
+    if labels.max(initial=0) < 255:
+        Image.fromarray(np.where(labels >= 0, labels, 255).astype(np.uint8), mode="L").save(path)
+    else:
+        Image.fromarray(np.where(labels >= 0, labels, 65535).astype(np.uint16)).save(path)
+    return path
+
+
+def _as_rgb(image: str | Path | Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        return load_rgb(image)
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    return image.convert("RGB")
 
 
 @torch.no_grad()
 def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path, *, crf: bool = False,
-            flip: bool = True, device: str = "cpu") -> Segmentation:
-    """Label every pixel of an image with the run's cluster probe.
+            flip: bool = True, size: int | None = None, device: str = "cpu") -> Segmentation:
+    """Label every pixel of a photo with the run's cluster probe.
 
     Args:
         image: a path, a PIL image or an (H, W, 3) uint8 array (any size, any PIL mode).
-        run_dir: folder written by ``hpkit train``.
+        run_dir: folder written by ``hpkit train`` (or its ``checkpoint.pt``).
         crf: refine with the dense CRF.
         flip: average the features of the image and its horizontal flip.
+        size: the shorter side the backbone sees (default: the run's ``data.val_size``).
 
     Returns:
-        :class:`Segmentation` with the (H, W) label map, an overlay image and the class names.
+        :class:`Segmentation` with the (H, W) label map, names, colours, overlay and photo.
     """
+    run_dir = run_folder(run_dir)
     run = load_run(run_dir, device)
     cfg, backbone, head, cluster = run.cfg, run.backbone, run.head, run.cluster
-    if isinstance(image, (str, Path)):
-        pil = load_rgb(image)
-    elif isinstance(image, np.ndarray):
-        pil = Image.fromarray(image).convert("RGB")
-    else:
-        pil = image.convert("RGB")
-
+    pil = _as_rgb(image)
     w, h = pil.size
-    p = backbone.patch_size
-    size = (max(p, round(h / p) * p), max(p, round(w / p) * p))  # nearest multiple of the patch
-    x = torch.from_numpy(np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32) / 255)
-    x = x.permute(2, 0, 1)[None].to(device)
+    side = size or cfg.data.val_size
+    if side < backbone.patch_size:
+        raise ValueError(f"size={side} is below the backbone's patch ({backbone.patch_size} px)")
+    x = np.asarray(resize_shorter(pil, side, Image.BILINEAR, backbone.patch_size), dtype=np.float32) / 255
+    x = torch.from_numpy(x).permute(2, 0, 1)[None].to(device)
     s = head(backbone(x, attention=False).feats)
     if flip:
         s = (s + head(backbone(x.flip(-1), attention=False).feats).flip(-1)) / 2
-    scores = F.interpolate(cluster(s), size=(h, w), mode="bilinear", align_corners=False)[0]
+    shrink = min(1.0, math.sqrt(MAX_PIXELS / (h * w)))
+    out_h, out_w = max(1, round(h * shrink)), max(1, round(w * shrink))
+    scores = F.interpolate(cluster(s), size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
     if crf:
-        full = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1)
-        labels = dense_crf(full, 2.0 * scores.cpu()).argmax(0)
+        shown = pil if shrink == 1.0 else pil.resize((out_w, out_h), Image.BILINEAR)
+        full = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 255).permute(2, 0, 1)
+        ids = dense_crf(full, 2.0 * scores.cpu()).argmax(0)
     else:
-        labels = scores.argmax(0).cpu()
+        ids = scores.argmax(0).cpu()
+    if shrink < 1.0:
+        ids = torch.from_numpy(np.asarray(Image.fromarray(ids.numpy().astype(np.int32)).resize((w, h), Image.NEAREST)))
 
-    names = list(CLASS_NAMES) if cfg.data.dataset == "synthetic" else []
-    eval_file = Path(run_dir) / "eval.json"
+    k = cluster.centroids.shape[0]
+    names, colors, named = [f"cluster {i}" for i in range(k)], default_colors(k), "clusters"
+    note = "clusters of a run trained on hpkit's synthetic scenes" if cfg.data.dataset == "synthetic" else ""
+    eval_file = run_dir / "eval.json"
     if eval_file.is_file():
-        mapping = torch.tensor(json.loads(eval_file.read_text())["cluster"]["mapping"])
-        labels = mapping[labels]
-    labels = labels.numpy().astype(np.int64)
-    rng = np.random.default_rng(0)
-    palette = rng.integers(0, 256, size=(max(int(labels.max()) + 2, 2), 3), dtype=np.uint8)
-    colour = palette[np.where(labels >= 0, labels, palette.shape[0] - 1)]
+        result = json.loads(eval_file.read_text())
+        if "mapping" in result.get("cluster", {}):  # labelled evaluation: clusters -> classes
+            ids = torch.tensor(result["cluster"]["mapping"])[ids.long()]
+            names = list(result["classes"])
+            colors = np.asarray(result["colors"], np.uint8) if "colors" in result else default_colors(len(names))
+            named = "classes"
+            if cfg.data.dataset == "synthetic":
+                note = "class names of hpkit's synthetic scenes (the run was trained on them), not of this photo"
+    labels = ids.numpy().astype(np.int64)
+    colour = np.where(labels[..., None] >= 0, colors[np.clip(labels, 0, None)], 0).astype(np.uint8)
     overlay = Image.blend(pil, Image.fromarray(colour), alpha=0.5)
-    return Segmentation(labels=labels, overlay=overlay, class_names=names)
+    return Segmentation(labels=labels, overlay=overlay, class_names=names, colors=colors, image=pil,
+                        named=named, note=note)

@@ -55,10 +55,11 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .backbone import FrozenViT, file_sha256, load_backbone
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, prepare_run_folder, save_checkpoint, write_text_atomic
 from .config import Config, to_dict
-from .data.build import build_dataset
-from .evaluate import score
+from .data.build import UNLABELLED_CLUSTERS, build_dataset
+from .data.folder import scan_folder
+from .evaluate import has_labels, score
 from .feature_cache import FeatureCache
 from .heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
 from .local_positives import local_weights, mix_neighbours
@@ -114,11 +115,11 @@ class HPHeads(nn.Module):
     ``z_aug`` (or None), ``z_mix`` (or None) and ``probe_loss`` (the probes see ``s.detach()`` only).
     """
 
-    def __init__(self, in_dim: int, dim: int, n_classes: int, dropout: float = 0.0):
+    def __init__(self, in_dim: int, dim: int, n_classes: int, dropout: float = 0.0, n_clusters: int | None = None):
         super().__init__()
         self.head = SegmentationHead(in_dim, dim, dropout)
         self.proj = ProjectionHead(dim)
-        self.cluster = ClusterProbe(dim, n_classes)
+        self.cluster = ClusterProbe(dim, n_clusters or n_classes)
         self.linear = LinearProbe(dim, n_classes)
 
     def forward(self, f: Tensor, f_aug: Tensor | None, mix_weights: Tensor | None, labels: Tensor) -> dict:
@@ -137,7 +138,8 @@ class HPHeads(nn.Module):
                 "z_mix": z_all[-n:] if mix_weights is not None else None, "probe_loss": probe_loss}
 
 
-def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_images: int, cfg: Config) -> None:
+def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_images: int, cfg: Config, *,
+                        progress: bool = False) -> None:
     """Re-initialise the cluster probe and train it alone on the final head (``train.probe_refit_epochs``).
 
     The centroids restart from ``randn(K, D)`` drawn from ``torch.Generator().manual_seed(train.seed)``;
@@ -153,15 +155,19 @@ def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_
         probe.centroids.copy_(torch.randn(probe.centroids.shape, generator=torch.Generator().manual_seed(
             cfg.train.seed)).to(probe.centroids))
     optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.optim.cluster_lr)
+    bar = tqdm(total=cfg.train.probe_refit_epochs * math.ceil(n_images / cfg.data.batch_size), disable=not progress,
+               desc="cluster probe refit", leave=False)
     for epoch in range(cfg.train.probe_refit_epochs):
         order = torch.randperm(n_images, generator=torch.Generator().manual_seed(cfg.train.seed + 1 + epoch))
         for batch in order.split(cfg.data.batch_size):
+            bar.update(1)
             with torch.no_grad():
                 s = head(features(batch).float())
             loss = probe.loss(s)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    bar.close()
     head.train(was_training)
 
 
@@ -233,14 +239,16 @@ def _check_sizes(cfg: Config, backbone: FrozenViT, n_train: int, world: int) -> 
         raise ValueError(f"{n_train} training images are fewer than one batch of {d.batch_size}")
 
 
-def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None,
-          progress: bool = True) -> dict:
+def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, force: bool = False,
+          max_steps: int | None = None, progress: bool = True) -> dict:
     """Train HP as configured and write ``checkpoint.pt``, ``config.json`` and ``history.json``.
 
     Args:
         cfg: the configuration (see :mod:`hpkit.config`).
         out_dir: output folder.
         resume: continue from ``out_dir/checkpoint.pt``.
+        force: delete a run already in ``out_dir`` and start over (without ``resume`` or ``force`` a
+            folder holding a run is refused: runs are never replaced silently).
         max_steps: stop after this many iterations in total (quick runs, tests); the lambda
             schedule still spans the configured epochs.
         progress: show a tqdm progress bar.
@@ -256,23 +264,59 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, max_steps: 
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, Path(out_dir), resume, max_steps, progress and rank == 0, device, rank, world)
+        return _train(cfg, Path(out_dir), resume, force, max_steps, progress and rank == 0, device, rank, world)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress: bool, device: torch.device,
-           rank: int, world: int) -> dict:
+def prepare_data(cfg: Config, *, validate: bool = True) -> tuple[Dataset, Dataset | None, int, int, list[str]]:
+    """Build and check everything a run reads, before any expensive work.
+
+    Returns:
+        ``(train data, validation data or None, number of classes (0: no labels), the cluster
+        probe's K, notes)``. Validation is None when ``validate`` is False or the validation split
+        has no labels; the notes are lines to show the user (generated class names, no val split,
+        no labels, the default K).
+    """
+    layout = scan_folder(cfg.data.root) if cfg.data.dataset == "folder" and cfg.data.root else None
+    data = build_dataset(cfg, "train", layout=layout)
+    val_data = build_dataset(cfg, "val", layout=layout) if validate else None
+    notes = list(getattr(data, "notes", []))
+    n_classes = len(getattr(data, "class_names", ()))
+    if not has_labels(data) or (val_data is not None and not has_labels(val_data)):
+        skipped = [part for part, missing in (("validation", val_data is not None and not has_labels(val_data)),
+                                              ("the linear probe", not has_labels(data))) if missing]
+        notes.append(f"no labels: {' and '.join(skipped)} skipped; training saves its checkpoint as usual")
+        val_data = val_data if val_data is not None and has_labels(val_data) else None
+    k = cfg.model.num_clusters
+    if k is None:
+        k = n_classes or UNLABELLED_CLUSTERS
+        if not n_classes:
+            notes.append(f"no labels: the cluster probe finds {k} clusters (set model.num_clusters=K for another K)")
+    elif k < 2:
+        raise ValueError(f"model.num_clusters={k}: use 2 or more clusters")
+    elif k < n_classes:
+        raise ValueError(f"model.num_clusters={k} is below the {n_classes} classes: clusters are matched one-to-one "
+                         f"to classes, so use model.num_clusters={n_classes} or more (or none)")
+    return data, val_data, n_classes, k, notes
+
+
+def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | None, progress: bool,
+           device: torch.device, rank: int, world: int) -> dict:
     main = rank == 0
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(out, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)
-    data = build_dataset(cfg, "train")
+    data, val_data, n_classes, n_clusters, notes = prepare_data(cfg, validate=bool(cfg.train.val_every) and main)
+    if main:
+        for note in notes:
+            print(f"note: {note}")
     backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
     _check_sizes(cfg, backbone, len(data), world)
     loss_cfg, o = cfg.loss, cfg.optim
-    n_classes = len(getattr(data, "class_names", ())) or 1
-    model = HPHeads(backbone.embed_dim, cfg.model.dim, n_classes, cfg.model.dropout).to(device)
+    model = HPHeads(backbone.embed_dim, cfg.model.dim, max(n_classes, 1), cfg.model.dropout, n_clusters).to(device)
     ema = MomentumHead(model.head, cfg.model.ema_momentum).eval()
     optimizers = {
         "head": torch.optim.AdamW(model.head.parameters(), lr=o.lr, weight_decay=o.weight_decay),
@@ -307,7 +351,7 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
     else:
         loader = DataLoader(data, batch_size=min(share, 64), shuffle=True, generator=_generator(cfg.train.seed, -1))
         bank = collect_patch_bank(backbone, loader, loss_cfg.pool_size, generator=_generator(cfg.train.seed, -2),
-                                  device=device)
+                                  device=device, progress=progress)
         pools = ReferencePools(bank, loss_cfg.pool_size, generator=_generator(cfg.train.seed, -3))
         pools.refresh_specific(ema, generator=_generator(cfg.train.seed, -4))
     if main:
@@ -331,7 +375,6 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
         if not main:
             cache = FeatureCache(folder, len(data), (backbone.embed_dim, h, w), with_weights=need_weights,
                                  key=key, create=False)
-    val_data = build_dataset(cfg, "val") if cfg.train.val_every and main else None
     mean, std = backbone.mean.flatten(), backbone.std.flatten()
 
     def clean_view(images: Tensor) -> dict[str, Tensor]:
@@ -351,12 +394,12 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
                              "pools": pools.state_dict(), "step": step, "history": history,
                              "validation": validation, "probe_refitted": refitted, "config": to_dict(cfg)},
                             ckpt_path)
-            (out / "history.json").write_text(json.dumps({"steps": history, "validation": validation}))
+            write_text_atomic(out / "history.json", json.dumps({"steps": history, "validation": validation}))
 
     def validate() -> None:
-        if main:
+        if main and val_data is not None:
             m = score(backbone, model.head, model.cluster, model.linear, val_data, kmeans=False,
-                      max_images=cfg.train.val_images, device=device, seed=cfg.train.seed)
+                      max_images=cfg.train.val_images, device=device, seed=cfg.train.seed, progress=progress)
             validation.append({"step": step, **{f"{k}_{metric}": m[k][key] for k in ("cluster", "linear")
                                                  for metric, key in (("accuracy", "pixel_accuracy"),
                                                                      ("miou", "mean_iou"))}})
@@ -434,6 +477,27 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
                     validate()
                 bar.update(1)
                 bar.set_postfix(loss=f"{value.item():.3f}", lam=f"{lam:.2f}")
+        bar.close()
+        if cfg.train.probe_refit_epochs and step == planned and not refitted:
+            def features(idx: Tensor) -> Tensor:
+                def compute(missing: Tensor) -> dict[str, Tensor]:  # images are read only for rows not cached
+                    return clean_view(torch.stack([data[int(i)][0] for i in idx[missing]]).to(device))
+
+                if cache is None:
+                    return compute(torch.arange(len(idx)))["feats"]
+                return cache.lookup(idx, compute, device)["feats"]
+
+            if main:
+                refit_cluster_probe(model, features, len(data), cfg, progress=progress)
+            if world > 1:
+                dist.broadcast(model.cluster.centroids.data, 0)
+            refitted = True
+            if validation and validation[-1]["step"] == step:
+                validation.pop()  # scored with the probe before the refit
+        if cfg.train.val_every and (not validation or validation[-1]["step"] != step):
+            validate()
+        else:
+            checkpoint()
     except KeyboardInterrupt:
         if not updating:
             checkpoint()
@@ -442,27 +506,19 @@ def _train(cfg: Config, out: Path, resume: bool, max_steps: int | None, progress
             print(f"interrupted at step {step}; the checkpoint in {out} is kept: continue with resume=True "
                   "(`hpkit train ... --resume`)")
         raise
-    bar.close()
-    if cfg.train.probe_refit_epochs and step == planned and not refitted:
-        def features(idx: Tensor) -> Tensor:
-            def compute(missing: Tensor) -> dict[str, Tensor]:  # images are read only for rows not cached
-                return clean_view(torch.stack([data[int(i)][0] for i in idx[missing]]).to(device))
-
-            if cache is None:
-                return compute(torch.arange(len(idx)))["feats"]
-            return cache.lookup(idx, compute, device)["feats"]
-
-        if main:
-            refit_cluster_probe(model, features, len(data), cfg)
-        if world > 1:
-            dist.broadcast(model.cluster.centroids.data, 0)
-        refitted = True
-        if validation and validation[-1]["step"] == step:
-            validation.pop()  # scored with the probe before the refit
-    if cfg.train.val_every and (not validation or validation[-1]["step"] != step):
-        validate()
-    else:
-        checkpoint()
+    except TrainingDiverged:
+        bar.close()
+        raise
+    except Exception:  # keep the work done so far: the last completed step's state, if it is whole
+        bar.close()
+        if main and not updating and step > 0:
+            try:
+                checkpoint()
+                print(f"training stopped by an error at step {step}; the checkpoint of step {step} is in {out}: "
+                      "fix the cause and continue with --resume (resume=True)")
+            except Exception:  # the error that stopped training is the one to report
+                pass
+        raise
     if world > 1:  # DDP keeps the replicas equal; check it once, cheaply, before anyone uses the result
         total_sum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
         sums = [torch.zeros_like(total_sum) for _ in range(world)]

@@ -103,7 +103,8 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
     run = workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}"
     if (run / _DONE).is_file():
         return run
-    train(cfg, run, resume=(run / CHECKPOINT).is_file(), max_steps=max_steps, progress=progress)
+    resume = (run / CHECKPOINT).is_file()  # else: a start that failed before its first checkpoint, redone
+    train(cfg, run, resume=resume, force=not resume, max_steps=max_steps, progress=progress)
     tmp = run / (_DONE + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, run / _DONE)

@@ -120,8 +120,8 @@ def test_offline_without_weights_says_where_to_put_them(tmp_path):
 
 
 def test_auto_uses_local_dino_weights_else_falls_back(tmp_path, vits8_state):
-    code = "import hpkit; print('NAME', hpkit.load_backbone('auto').name)"
-    result = _run_offline(code, tmp_path)
+    code = "import hpkit; hpkit.load_backbone('auto'); print('NAME', hpkit.load_backbone('auto').name)"
+    result = _run_offline(code, tmp_path)  # loaded twice, said once
     assert "NAME hp-tiny" in result.stdout, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpkit:")]
     assert len(lines) == 1 and "no DINO ViT-S/8 weights" in lines[0] and "bundled 'hp-tiny'" in lines[0]

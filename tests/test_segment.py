@@ -37,11 +37,16 @@ def test_evaluation_mapping_names_the_clusters(run):
 
 def test_cli_segment_writes_overlay(run, tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "in.png")
-    cmd = [sys.executable, "-m", "hpkit", "segment", str(tmp_path / "in.png"), "--checkpoint", str(run),
-           "--out", str(tmp_path / "out.png")]
+    cmd = [sys.executable, "-m", "hpkit", "segment", str(tmp_path / "in.png"), "--checkpoint", str(run / "checkpoint.pt"),
+           "--out", str(tmp_path / "out.png"), "--labels-out", str(tmp_path / "ids.png"),
+           "--overlay-out", str(tmp_path / "overlay.png")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
-    assert "30x20 pixels" in result.stdout and Image.open(tmp_path / "out.png").size == (30, 20)
+    assert "30x20 pixels" in result.stdout and Image.open(tmp_path / "overlay.png").size == (30, 20)
+    ids = np.asarray(Image.open(tmp_path / "ids.png"))
+    assert ids.shape == (20, 30) and ids.max() < 9  # cluster ids of the 9-cluster demo run
+    assert "synthetic scenes" in result.stdout  # the names are said to be the demo's
+    assert Image.open(tmp_path / "out.png").width > 2 * 30  # photo | labels and a legend
     bad = subprocess.run([sys.executable, "-m", "hpkit", "segment", str(tmp_path / "nope.png"), "--checkpoint",
                           str(run)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cannot read image" in bad.stderr

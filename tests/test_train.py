@@ -46,7 +46,7 @@ def test_switches_run(tmp_path, extra):
 
 def test_bad_settings_and_divergence(tmp_path):
     with pytest.raises(ValueError, match="pool_size=64 is larger than the 24 training images"):
-        train(get_config("demo", TINY + ["loss.pool_size=64"]), tmp_path, progress=False)
+        train(get_config("demo", TINY + ["loss.pool_size=64"]), tmp_path / "big_pool", progress=False)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(get_config("demo", TINY), tmp_path / "new", resume=True, progress=False)
     with pytest.raises(TrainingDiverged, match="at step 0"):

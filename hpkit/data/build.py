@@ -1,37 +1,67 @@
-"""``build_dataset(cfg, split)``: the dataset a configuration names, at the configured crop size."""
+"""``build_dataset(cfg, split)``: the dataset a configuration names, at the configured size and crop."""
 
 from __future__ import annotations
 
 from torch.utils.data import Dataset
 
 from ..config import Config
-from .folder import ImageFolder
+from .folder import ImageFolder, FolderLayout, scan_folder
 from .synthetic import SyntheticScenes
 
-__all__ = ["build_dataset", "DATASET_NAMES"]
+__all__ = ["build_dataset", "DATASET_NAMES", "crops", "UNLABELLED_CLUSTERS"]
 
 DATASET_NAMES = ("synthetic", "folder", "cocostuff27", "cityscapes27", "potsdam3")
+#: the cluster probe's K for data without labels when ``model.num_clusters`` is not set
+UNLABELLED_CLUSTERS = 8
 
 
-def build_dataset(cfg: Config, split: str = "train") -> Dataset:
-    """The ``train`` or ``val`` split of ``cfg.data.dataset`` (crop ``image_size`` / ``val_size``).
+def crops(cfg: Config) -> tuple[str, str]:
+    """``(train_crop, val_crop)``: the configured ones, or the dataset's defaults (checked)."""
+    d = cfg.data
+    folder = d.dataset == "folder"
+    train_crop = d.train_crop or ("random" if folder else "center")
+    val_crop = d.val_crop or ("whole" if folder else "center")
+    allowed_train = ("center", "random") if folder else ("center",)
+    allowed_val = ("center", "whole") if d.dataset in ("folder", "synthetic") else ("center",)
+    if train_crop not in allowed_train:
+        raise ValueError(f"data.train_crop={train_crop} is not available for data.dataset={d.dataset}; "
+                         f"choose {' or '.join(allowed_train)}")
+    if val_crop not in allowed_val:
+        raise ValueError(f"data.val_crop={val_crop} is not available for data.dataset={d.dataset}; "
+                         f"choose {' or '.join(allowed_val)}")
+    return train_crop, val_crop
 
-    ``folder`` serves your own images from ``data.root`` (labels, when there, from ``data.labels``).
+
+def _patch_size(cfg: Config) -> int:
+    from ..backbone import BACKBONES  # "auto" and unknown names: patch 8 (DINO ViT-S/8 or hp-tiny)
+
+    spec = BACKBONES.get(cfg.model.backbone)
+    return spec.patch_size if spec is not None else 8
+
+
+def build_dataset(cfg: Config, split: str = "train", *, layout: FolderLayout | None = None) -> Dataset:
+    """The ``train`` or ``val`` split of ``cfg.data.dataset`` (size ``image_size`` / ``val_size``).
+
+    ``folder`` serves your own photos from ``data.root`` (layout and checks:
+    :mod:`hpkit.data.folder`; pass ``layout`` to reuse one :func:`scan_folder` for both splits).
     """
     d = cfg.data
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if d.dataset not in DATASET_NAMES:
+        raise ValueError(f"unknown data.dataset={d.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
     size = d.image_size if split == "train" else d.val_size
-    if d.dataset == "synthetic":
+    train_crop, val_crop = crops(cfg)
+    if d.dataset == "synthetic":  # square scenes: "whole" and "center" are the same
         count = d.num_train if split == "train" else d.num_val
         return SyntheticScenes(split, num_images=count or (1000 if split == "train" else 200), image_size=size,
                                seed=cfg.train.seed)
-    if d.dataset not in DATASET_NAMES:
-        raise ValueError(f"unknown data.dataset={d.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
     if d.root is None:
         raise ValueError(f"data.dataset={d.dataset} needs data.root=/path/to/the/dataset (see data/README.md)")
     if d.dataset == "folder":
-        return ImageFolder(d.root, image_size=size)
+        return ImageFolder(d.root, split, image_size=size, crop=train_crop if split == "train" else val_crop,
+                           multiple=_patch_size(cfg), seed=cfg.train.seed,
+                           layout=layout if layout is not None else scan_folder(d.root))
     if d.dataset == "cocostuff27":
         from .cocostuff import CocoStuff27
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SyntheticScenes", "CLASS_NAMES", "CLASS_COLORS", "render_scene"]
+__all__ = ["SyntheticScenes", "CLASS_NAMES", "CLASS_COLORS", "render_scene", "write_scene_folder"]
 
 CLASS_NAMES: tuple[str, ...] = ("sky", "grass", "water", "wall", "sand", "ball", "bush", "zebra", "crate")
 STUFF = (0, 1, 2, 3, 4)
@@ -204,3 +204,41 @@ class SyntheticScenes(Dataset):
         if self._cache is not None:
             self._cache[index] = item
         return item
+
+
+def write_scene_folder(root, *, num_train: int = 16, num_val: int = 8, sizes: tuple[tuple[int, int], ...] = (
+        (160, 120), (120, 160)), seed: int = 0, void_edges: bool = True, classes_file: bool = True):
+    """Write synthetic scenes as a labelled folder dataset (the layout of :mod:`hpkit.data.folder`).
+
+    Image ``i`` of a split has size ``sizes[i % len(sizes)]`` (width, height): a scene rendered at the
+    longer side and cut to that size. Images are JPEG (quality 95), label maps 8-bit PNG; with
+    ``void_edges`` the pixels on a class boundary (4-neighbourhood) are void (255), as in real
+    annotations. ``classes.txt`` names the 9 classes with their palette colours.
+
+    Returns:
+        the root folder (``Path``).
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    for split, count, stream in (("train", num_train, seed * 2), ("val", num_val, seed * 2 + 1)):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            w, h = sizes[i % len(sizes)]
+            image, label = render_scene(stream, i, max(w, h))
+            image, label = image[:h, :w], label[:h, :w].astype(np.uint8)
+            if void_edges:
+                edge = np.zeros_like(label, dtype=bool)
+                edge[1:] |= label[1:] != label[:-1]
+                edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+                label[edge] = 255
+            Image.fromarray((image * 255).round().astype(np.uint8)).save(root / split / "images" / f"{i:04d}.jpg",
+                                                                         quality=95)
+            Image.fromarray(label, mode="L").save(root / split / "labels" / f"{i:04d}.png")
+    if classes_file:
+        (root / "classes.txt").write_text("".join(f"{name} #{r:02x}{g:02x}{b:02x}\n"
+                                                  for name, (r, g, b) in zip(CLASS_NAMES, CLASS_COLORS)))
+    return root
