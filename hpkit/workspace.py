@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 from .checkpoint import CHECKPOINT
 from .config import Config, dumps, get_config, override
 
-__all__ = ["workspace_dir", "notebook_config", "resolved_backbone", "trained_run"]
+__all__ = ["workspace_dir", "notebook_config", "resolved_backbone", "trained_run", "data_fingerprint"]
 
 _DONE = "done.json"
 
@@ -79,6 +79,18 @@ def backbone_weights_sha256(cfg: Config) -> str | None:
     return file_sha256(source) if source is not None and source.is_file() else None
 
 
+def data_fingerprint(cfg: Config) -> str | None:
+    """For a folder dataset, a digest of its files' names, sizes and times (other photos, another run);
+    None for datasets that a configuration fully determines."""
+    if cfg.data.dataset != "folder" or cfg.data.root is None or not Path(cfg.data.root).is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(cfg.data.root).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(cfg.data.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: int | None = None,
                 progress: bool = False) -> Path:
     """Train ``cfg`` once and return its run folder (``checkpoint.pt``, ``config.json``, ``history.json``).
@@ -91,13 +103,14 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
 
     Returns:
         the run folder, ``<workspace>/<dataset>-<backbone>-<key>``; reused when it already holds a
-        finished run of the same configuration, resumed when it holds an interrupted one.
+        finished run of the same configuration (and, for a folder, the same files), resumed when it
+        holds an interrupted one.
     """
     from .train import train
 
     backbone = resolved_backbone(cfg)
     key_parts = {"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps,
-                 "weights_sha256": backbone_weights_sha256(cfg)}
+                 "weights_sha256": backbone_weights_sha256(cfg), "data": data_fingerprint(cfg)}
     text = json.dumps(key_parts, sort_keys=True)
     key = hashlib.sha256(text.encode()).hexdigest()[:10]
     run = workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}"

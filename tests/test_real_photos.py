@@ -112,3 +112,18 @@ def test_a_failure_after_training_started_keeps_the_last_step(tmp_path, monkeypa
     full = train_module.train(cfg, tmp_path / "full", progress=False)
     assert resumed["steps"] == full["steps"] == 8
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
+
+
+def test_benchmarks_take_a_labelled_folder(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import backbone_quality
+
+    root = write_scene_folder(tmp_path / "scenes", num_train=8, num_val=4)
+    assert backbone_quality.main(["--train", "8", "--val", "4", "--pool", "8", "--set", "data.dataset=folder",
+                                  "--set", f"data.root={root}", "--set", "data.image_size=64",
+                                  "--set", "data.val_size=64"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| random_tiny"))
+    values = [float(v.strip(" %")) for v in row.split("|")[2:-1]]
+    assert len(values) == 7 and all(0 <= v <= 100 for v in values)
+    assert f"folder ({root}): 8 train / 4 val images" in out and "9 classes" in out
