@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 from .checkpoint import CHECKPOINT
 from .config import Config, dumps, get_config, override
 
-__all__ = ["workspace_dir", "notebook_config", "resolved_backbone", "trained_run", "data_fingerprint"]
+__all__ = ["workspace_dir", "notebook_config", "photos_config", "resolved_backbone", "trained_run", "data_fingerprint"]
 
 _DONE = "done.json"
 
@@ -53,6 +53,21 @@ def notebook_config(*, preset: str = "demo", backbone: str = "auto", dataset: st
     if root is not None:
         changes["data.root"] = root
     cfg = get_config(preset, changes)
+    return override(cfg, overrides) if overrides else cfg
+
+
+def photos_config(root: str | Path, *, backbone: str = "auto", device: str = "cpu", seed: int = 0,
+                  min_steps: int = 64, overrides: Mapping[str, object] | Iterable[str] = ()) -> Config:
+    """The demo preset on a folder of photos, sized for it: the reference pool and the batch at most
+    the number of photos, and at least ``min_steps`` training steps (a handful of photos makes one
+    step per epoch; the preset's 4 epochs would leave the head barely trained)."""
+    from .data.folder import scan_folder
+
+    n = len(scan_folder(root).splits["train"].images)
+    batch = min(8, n)
+    epochs = max(4, -(-min_steps // (n // batch)))
+    cfg = notebook_config(preset="demo", backbone=backbone, dataset="folder", root=str(root), device=device, seed=seed,
+                          overrides={"loss.pool_size": min(256, n), "data.batch_size": batch, "train.epochs": epochs})
     return override(cfg, overrides) if overrides else cfg
 
 

@@ -50,3 +50,25 @@ def test_cli_segment_writes_overlay(run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hpkit", "segment", str(tmp_path / "nope.png"), "--checkpoint",
                           str(run)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "cannot read image" in bad.stderr
+
+
+def test_a_large_photo_is_segmented_in_bounded_memory(run, monkeypatch):
+    from hpkit.backbone import FrozenViT
+
+    photo = np.zeros((3000, 4000, 3), np.uint8)
+    photo[:1500] = (90, 140, 220)  # sky above, ground below
+    photo[1500:] = (90, 70, 40)
+    seen, forward = [], FrozenViT.forward
+
+    def spy(self, images, **kwargs):
+        seen.append(tuple(images.shape[-2:]))
+        return forward(self, images, **kwargs)
+
+    monkeypatch.setattr(FrozenViT, "forward", spy)
+    result = segment(photo, run)
+    assert seen == [(32, 40), (32, 40)]  # shorter side at the run's val_size (32), 4:3 kept; plain and flipped
+    assert result.labels.shape == (3000, 4000)
+    # The same photo at 400 x 300 gives the same backbone input, so the same labels at a tenth of the size.
+    small = segment(np.asarray(Image.fromarray(photo).resize((400, 300), Image.BILINEAR)), run).labels
+    enlarged = np.asarray(Image.fromarray(small.astype(np.int32)).resize((4000, 3000), Image.NEAREST))
+    assert (enlarged == result.labels).mean() > 0.97
