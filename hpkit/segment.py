@@ -129,7 +129,7 @@ def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path, *
     else:
         ids = scores.argmax(0).cpu()
     if shrink < 1.0:
-        ids = torch.from_numpy(np.asarray(Image.fromarray(ids.numpy().astype(np.int32)).resize((w, h), Image.NEAREST)))
+        ids = torch.from_numpy(np.array(Image.fromarray(ids.numpy().astype(np.int32)).resize((w, h), Image.NEAREST)))
 
     k = cluster.centroids.shape[0]
     names, colors, named = [f"cluster {i}" for i in range(k)], default_colors(k), "clusters"
