@@ -300,6 +300,23 @@ def _load_into(vit: nn.Module, path: Path, name: str) -> None:
             f"{result.unexpected_keys[:5]}; check that the file is for this architecture")
 
 
+def _exported_architecture(path: str | Path) -> str | None:
+    """The backbone name an hpkit-exported ``.safetensors`` file loads as (its ``loads_as``), else None."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("hpkit", "null")) or {}
+    except (OSError, ValueError):
+        return None
+    return meta.get("loads_as") if meta.get("loads_as") in BACKBONES else None
+
+
 _NOTICES_SHOWN: set[str] = set()
 
 
@@ -329,6 +346,8 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         BackboneWeightsError: pretrained weights were requested but are neither local nor downloadable.
         ValueError: unknown name.
     """
+    if name == "auto" and weights is not None and _exported_architecture(weights):
+        name = _exported_architecture(weights)  # a file hpkit exported names the architecture it fits
     if name == "auto":
         found = _local_weights(BACKBONES["dino_vits8"]) if weights is None else Path(weights)
         if found is not None:

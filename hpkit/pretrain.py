@@ -551,7 +551,7 @@ def region_masks(network: "DINONet", data: Dataset, clusters: int, generator: to
     """
     out = []
     for images, _ in DataLoader(data, batch_size=batch_size):
-        _, tokens = network.tokens(images.float())
+        _, tokens = network.tokens(images.float().to(network.mean.device))
         b, h, w, c = tokens.shape
         x = F.normalize(tokens.reshape(b, h * w, c).float(), dim=-1)  # (b, P, C)
         start = torch.stack([torch.randperm(h * w, generator=generator)[:clusters] for _ in range(b)])
@@ -1257,7 +1257,14 @@ def config_from_flags(args: argparse.Namespace, cls: type):
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrain") -> None:
-    """``hpkit pretrain OUT_DIR [--FIELD VALUE ...] [--resume] [--max-steps N] [--export FILE]``."""
+    """``hpkit pretrain OUT_DIR [--FIELD VALUE ...] [--resume] [--max-steps N] [--export FILE]``.
+
+    With ``--recipe NAME`` among the arguments, a whole named recipe runs instead (:mod:`hpkit.recipe`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg == "--recipe" or arg.startswith("--recipe=") for arg in argv):
+        from .recipe import main as recipe_main
+
+        return recipe_main(argv, prog=prog)
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--resume", action="store_true")
@@ -1267,6 +1274,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrai
     parser.add_argument("--export-network", default="auto", choices=("auto", "teacher", "student"),
                         help="auto: the teacher when a DINO term trained it, else the student")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--recipe", metavar="NAME", help="run a whole named recipe instead, e.g. hp-tiny: "
+                        "--recipe hp-tiny OUT --root DIR --minutes 30 (--recipe hp-tiny --help lists its options)")
     add_config_flags(parser, PretrainConfig)
     args = parser.parse_args(argv)
     cfg = config_from_flags(args, PretrainConfig)

@@ -419,6 +419,9 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
                     break
                 started = time.perf_counter()
                 gen = _generator(cfg.train.seed, 1_000_000 + step, rank)
+                # The objective draws its random negatives where the features are: a CPU generator cannot
+                # draw on a GPU. On the CPU it is the same generator, after the augmentation's draw.
+                draws = gen if device.type == "cpu" else torch.Generator(device).manual_seed(gen.initial_seed())
                 images, labels = images.to(device), labels.to(device)
                 if cache is not None:
                     clean = cache.lookup(idx, lambda missing: clean_view(images[missing.to(device)]), device)
@@ -444,7 +447,7 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
                                         pools.agnostic.to(device), pools.specific.to(device),
                                         patches_per_image=h * w, lam=lam, tau=loss_cfg.tau, rho=loss_cfg.rho,
                                         z_mix=z_mix, style=loss_cfg.style, symmetric=loss_cfg.symmetric,
-                                        task_specific=loss_cfg.task_specific, neighbour_weights=nb, generator=gen,
+                                        task_specific=loss_cfg.task_specific, neighbour_weights=nb, generator=draws,
                                         matmul_dtype=mm_dtype)
                     if need_aug:
                         loss = loss + loss_cfg.alpha * consistency_regularizer(z, z_aug.float())

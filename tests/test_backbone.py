@@ -1,6 +1,7 @@
 """Backbone: shapes, attention logits against timm's own attention maps, checkpoint formats, errors."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -181,3 +182,11 @@ def test_weights_source_and_digest_follow_the_file(tmp_path, tiny):
     save_file(state, str(path))
     os.utime(path, ns=(1, 1))  # even with an old modification time, the size/mtime key changes
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() != first
+
+
+def test_auto_with_an_exported_file_loads_the_architecture_the_file_names():
+    # hpkit's exports record "loads_as" (here random_tiny): auto must not read them as DINO ViT-S/8.
+    backbone = load_backbone("auto", weights=Path(__file__).parents[1] / "data" / "hp_tiny.safetensors")
+    reference = load_backbone("hp-tiny")
+    assert backbone.name == "random_tiny" and backbone.patch_size == 8
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), reference.state_dict().values()))
