@@ -367,6 +367,7 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
         key = {"backbone": backbone.name, "weights": cfg.model.weights,
                "weights_sha256": file_sha256(backbone.weights_path) if backbone.weights_path else None,
                "data": to_dict(cfg)["data"],
+               "files": data.layout.fingerprint() if hasattr(data, "layout") else None,  # a folder's photos
                "seed": cfg.train.seed, "lhp": [loss_cfg.style, loss_cfg.sigma] if need_weights else None}
         if main:
             cache = FeatureCache(folder, len(data), (backbone.embed_dim, h, w), with_weights=need_weights, key=key)

@@ -95,15 +95,13 @@ def backbone_weights_sha256(cfg: Config) -> str | None:
 
 
 def data_fingerprint(cfg: Config) -> str | None:
-    """For a folder dataset, a digest of its files' names, sizes and times (other photos, another run);
-    None for datasets that a configuration fully determines."""
-    if cfg.data.dataset != "folder" or cfg.data.root is None or not Path(cfg.data.root).is_dir():
+    """For a folder dataset, :meth:`FolderLayout.fingerprint` of its files (other photos, another
+    run); None for datasets that a configuration fully determines."""
+    if cfg.data.dataset != "folder" or cfg.data.root is None:
         return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(cfg.data.root).rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(cfg.data.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    from .data.folder import scan_folder
+
+    return scan_folder(cfg.data.root).fingerprint()
 
 
 def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: int | None = None,

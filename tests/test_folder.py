@@ -168,3 +168,19 @@ def test_missing_folders(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable image.*broken.jpg"):
         checked = ImageFolder(tmp_path / "img", image_size=8, verify=True)
     assert len(checked) == 1
+
+
+def test_fingerprint_notices_replaced_added_and_removed_photos(tmp_path):
+    import os
+
+    root = write_scene_folder(tmp_path / "ds", num_train=3, num_val=1)
+    first = scan_folder(root).fingerprint()
+    assert scan_folder(root).fingerprint() == first  # reading changes nothing
+    photo = root / "train" / "images" / "0001.jpg"
+    stat = photo.stat()
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # replaced (a newer file)
+    second = scan_folder(root).fingerprint()
+    (root / "train" / "labels" / "0002.png").unlink()
+    (root / "train" / "images" / "0002.jpg").unlink()  # removed, with its label map
+    third = scan_folder(root).fingerprint()
+    assert len({first, second, third}) == 3

@@ -33,6 +33,7 @@ A split without labels yields all -1 labels. A missing ``val`` split is served f
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -104,6 +105,16 @@ class FolderLayout:
     @property
     def labelled(self) -> bool:
         return bool(self.class_names)
+
+    def fingerprint(self) -> str:
+        """A digest of every file the dataset reads (path, size, modification time): caches and runs
+        keyed on it notice photos that were added, removed or replaced."""
+        digest = hashlib.sha256()
+        files = [p for split in self.splits.values() for p in split.images + (split.labels or [])]
+        for path in sorted(files + [p for p in [self.root / "classes.txt"] if p.is_file()]):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
