@@ -550,8 +550,9 @@ def region_masks(network: "DINONet", data: Dataset, clusters: int, generator: to
         ``iterations`` rounds of assignment and mean update; a centre that wins no token stays put.
     """
     out = []
+    device = next((t.device for t in (*network.parameters(), *network.buffers())), torch.device("cpu"))
     for images, _ in DataLoader(data, batch_size=batch_size):
-        _, tokens = network.tokens(images.float().to(network.mean.device))
+        _, tokens = network.tokens(images.float().to(device))
         b, h, w, c = tokens.shape
         x = F.normalize(tokens.reshape(b, h * w, c).float(), dim=-1)  # (b, P, C)
         start = torch.stack([torch.randperm(h * w, generator=generator)[:clusters] for _ in range(b)])
