@@ -58,8 +58,8 @@ or batch size on an existing OUT is refused; ``--force`` starts over.
 
 The result, ``OUT/backbone.safetensors`` (or ``--export FILE``), loads with
 ``hpkit.load_backbone("random_tiny", weights=FILE)``; HP training uses it with
-``--set model.backbone=random_tiny --set model.weights=FILE`` (``auto`` would read the file as DINO
-ViT-S/8). Its metadata holds the stages' settings and step counts (the same chain as the bundled
+``--set model.weights=FILE`` (the file records the architecture it loads as, so the default
+``model.backbone=auto`` takes it as the tiny ViT; ``model.backbone=random_tiny`` says the same). Its metadata holds the stages' settings and step counts (the same chain as the bundled
 file) and, under ``recipe``, the contents of ``recipe.json``.
 """
 
@@ -458,8 +458,8 @@ def run_recipe(out: str | Path, *, recipe: str = "hp-tiny", dataset: str = "fold
         print("hpkit: interrupted; rerun the same command to continue where it stopped", file=sys.stderr, flush=True)
         raise
     print(f"hpkit: backbone written to {export} ({(time.perf_counter() - started) / 60:.1f} min in this run)")
-    print(f"hpkit: load it with hpkit.load_backbone('random_tiny', weights='{export}'); for HP training pass\n"
-          f"    --set model.backbone=random_tiny --set model.weights={export}")
+    print(f"hpkit: load it with hpkit.load_backbone('auto', weights='{export}'); for HP training pass\n"
+          f"    --set model.weights={export}")
     return export
 
 

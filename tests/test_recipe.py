@@ -112,10 +112,11 @@ def test_recipe_runs_end_to_end_and_resumes_to_the_same_weights(photos, tmp_path
     out = capsys.readouterr().out
     assert "using batches of 6" in out and "10 steps = 6 region contrast + 3 dense VICReg" in out
     file = full / "backbone.safetensors"
-    assert f"--set model.backbone=random_tiny --set model.weights={file}" in out
+    assert f"    --set model.weights={file}" in out
     assert heads == []  # neither stage computes the DINO head
     # The export loads as random_tiny, is trained, and gives finite features.
     backbone = load_backbone("random_tiny", weights=file)
+    assert load_backbone("auto", weights=file).name == "random_tiny"  # the file names its architecture
     random = load_backbone("random_tiny")
     assert not torch.equal(backbone.vit.blocks[5].attn.qkv.weight, random.vit.blocks[5].attn.qkv.weight)
     assert not torch.equal(backbone.vit.patch_embed.proj.weight, random.vit.patch_embed.proj.weight)
