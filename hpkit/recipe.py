@@ -59,8 +59,9 @@ or batch size on an existing OUT is refused; ``--force`` starts over.
 The result, ``OUT/backbone.safetensors`` (or ``--export FILE``), loads with
 ``hpkit.load_backbone("random_tiny", weights=FILE)``; HP training uses it with
 ``--set model.weights=FILE`` (the file records the architecture it loads as, so the default
-``model.backbone=auto`` takes it as the tiny ViT; ``model.backbone=random_tiny`` says the same). Its metadata holds the stages' settings and step counts (the same chain as the bundled
-file) and, under ``recipe``, the contents of ``recipe.json``.
+``model.backbone=auto`` takes it as the tiny ViT; ``model.backbone=random_tiny`` says the same).
+Its metadata holds the stages' settings and step counts (the same chain as the bundled file) and,
+under ``recipe``, the contents of ``recipe.json``.
 """
 
 from __future__ import annotations
