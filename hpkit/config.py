@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -193,7 +194,9 @@ def override(cfg: Config, changes: Mapping[str, Any] | Iterable[str]) -> Config:
         target = getattr(cfg, section, None) if name else cfg
         name = name or section
         if target is None or not dataclasses.is_dataclass(target) or name not in _fields(target):
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(_keys(cfg))}")
+            close = difflib.get_close_matches(key, _keys(cfg), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown config key {key!r}; {hint}valid keys: {', '.join(_keys(cfg))}")
         current = getattr(target, name)
         annotation = str(_fields(target)[name].type)
         try:

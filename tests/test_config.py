@@ -46,3 +46,10 @@ def test_clear_errors():
         get_config("coco")
     with pytest.raises(ValueError, match="cannot be None"):
         override(Config(), {"loss.tau": None})
+
+
+def test_a_mistyped_key_gets_a_suggestion():
+    with pytest.raises(ValueError, match="unknown config key 'model.num_cluster'; did you mean 'model.num_clusters'"):
+        get_config("demo", ["model.num_cluster=3"])
+    with pytest.raises(ValueError, match="unknown config key 'zzz.qqq'; valid keys"):
+        get_config("demo", ["zzz.qqq=3"])
