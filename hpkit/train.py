@@ -305,12 +305,11 @@ def prepare_data(cfg: Config, *, validate: bool = True) -> tuple[Dataset, Datase
 def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | None, progress: bool,
            device: torch.device, rank: int, world: int) -> dict:
     main = rank == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_run_folder(out, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)
     data, val_data, n_classes, n_clusters, notes = prepare_data(cfg, validate=bool(cfg.train.val_every) and main)
-    if main:
+    if main:  # after the data checks: bad input never costs a run that --force was about to replace
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(out, resume=resume, force=force)
         for note in notes:
             print(f"note: {note}")
     backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)

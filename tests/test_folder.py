@@ -145,13 +145,15 @@ def test_bad_input_is_one_clear_error(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["size", "id above classes"])
 def test_bad_input_stops_the_cli_before_training(tmp_path, kind):
     _case(tmp_path / "ds", kind)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_text("an earlier run")  # --force must not cost it on bad input
     cmd = [sys.executable, "-m", "hpkit", "train", "--preset", "demo", "--set", "data.dataset=folder", "--set",
-           f"data.root={tmp_path / 'ds'}", "--out", str(tmp_path / "run")]
+           f"data.root={tmp_path / 'ds'}", "--out", str(tmp_path / "run"), "--force"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("hpkit: ") and "hp-tiny" not in line]
     assert len(errors) == 1 and "HP training" not in result.stderr and "reference pool" not in result.stderr
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "checkpoint.pt").read_text() == "an earlier run"
 
 
 def test_missing_folders(tmp_path):
