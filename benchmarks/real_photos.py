@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hpkit  # noqa: E402
+from hpkit.checkpoint import load_run  # noqa: E402
 from hpkit.data import scan_folder, write_sample_photos  # noqa: E402
 from hpkit.plots import colorize, legend_handles  # noqa: E402
 from hpkit.train import train  # noqa: E402
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         name = resolved_backbone(cfg)
         run = Path(tmp) / "run"
         train(cfg, run, progress=False)
-        results = [hpkit.segment(path, run) for path in files]
+        trained = load_run(run)
+        results = [hpkit.segment(path, trained) for path in files]
         shown = results[: args.rows]
         fig, axes = plt.subplots(len(shown), 2, figsize=(7.5, 2.6 * len(shown)), squeeze=False, layout="constrained")
         for row, (path, seg) in zip(axes, zip(files, shown)):

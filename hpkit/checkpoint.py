@@ -85,6 +85,7 @@ class TrainedRun:
     cluster: ClusterProbe
     linear: LinearProbe
     state: dict  # the whole checkpoint (step, history, ...)
+    folder: Path | None = None  # the run folder it was loaded from
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
@@ -98,4 +99,4 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Trained
     cluster.load_state_dict(state["cluster"])
     linear = LinearProbe(cfg.model.dim, state["linear"]["conv.weight"].shape[0]).to(device)
     linear.load_state_dict(state["linear"])
-    return TrainedRun(cfg, backbone, head, cluster, linear, state)
+    return TrainedRun(cfg, backbone, head, cluster, linear, state, run_folder(run_dir))

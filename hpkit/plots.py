@@ -135,16 +135,15 @@ def plot_segmentation(image, panels: dict[str, np.ndarray], class_names: list[st
 def plot_cluster_gallery(run_dir: str | Path, *, images: int = 4) -> Figure:
     """The first validation photos of a run next to their clusters (``hpkit eval --plots`` on data
     without labels): one row per photo, photo | clusters, one legend for the K clusters."""
-    from .checkpoint import load_run, run_folder
+    from .checkpoint import load_run
     from .data.build import build_dataset
     from .segment import segment
 
-    run_dir = run_folder(run_dir)
-    data = build_dataset(load_run(run_dir).cfg, "val")
-    paths = list(getattr(data, "files", []))[:images]
+    run = load_run(run_dir)
+    paths = list(getattr(build_dataset(run.cfg, "val"), "files", []))[:images]
     if not paths:
-        raise ValueError(f"the run in {run_dir} has no photo files to show (data.dataset is not a folder)")
-    results = [segment(path, run_dir) for path in paths]
+        raise ValueError(f"the run in {run.folder} has no photo files to show (data.dataset is not a folder)")
+    results = [segment(path, run) for path in paths]
     fig, axes = plt.subplots(len(paths), 2, figsize=(8, 3.2 * len(paths)), squeeze=False, layout="constrained")
     for row, (path, seg) in zip(axes, zip(paths, results)):
         row[0].imshow(seg.image)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import load_run, run_folder
+from .checkpoint import TrainedRun, load_run
 from .crf import dense_crf
 from .data.folder import default_colors, load_rgb, resize_shorter
 
@@ -92,13 +92,14 @@ def _as_rgb(image: str | Path | Image.Image | np.ndarray) -> Image.Image:
 
 
 @torch.no_grad()
-def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path, *, crf: bool = False,
+def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path | TrainedRun, *, crf: bool = False,
             flip: bool = True, size: int | None = None, device: str = "cpu") -> Segmentation:
     """Label every pixel of a photo with the run's cluster probe.
 
     Args:
         image: a path, a PIL image or an (H, W, 3) uint8 array (any size, any PIL mode).
-        run_dir: folder written by ``hpkit train`` (or its ``checkpoint.pt``).
+        run_dir: folder written by ``hpkit train`` (or its ``checkpoint.pt``), or a run already
+            loaded with :func:`hpkit.checkpoint.load_run` (segmenting many photos loads it once).
         crf: refine with the dense CRF.
         flip: average the features of the image and its horizontal flip.
         size: the shorter side the backbone sees (default: the run's ``data.val_size``).
@@ -106,8 +107,8 @@ def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path, *
     Returns:
         :class:`Segmentation` with the (H, W) label map, names, colours, overlay and photo.
     """
-    run_dir = run_folder(run_dir)
-    run = load_run(run_dir, device)
+    run = run_dir if isinstance(run_dir, TrainedRun) else load_run(run_dir, device)
+    run_dir = run.folder
     cfg, backbone, head, cluster = run.cfg, run.backbone, run.head, run.cluster
     pil = _as_rgb(image)
     w, h = pil.size
@@ -134,8 +135,8 @@ def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path, *
     k = cluster.centroids.shape[0]
     names, colors, named = [f"cluster {i}" for i in range(k)], default_colors(k), "clusters"
     note = "clusters of a run trained on hpkit's synthetic scenes" if cfg.data.dataset == "synthetic" else ""
-    eval_file = run_dir / "eval.json"
-    if eval_file.is_file():
+    eval_file = run_dir / "eval.json" if run_dir is not None else None
+    if eval_file is not None and eval_file.is_file():
         result = json.loads(eval_file.read_text())
         if "mapping" in result.get("cluster", {}):  # labelled evaluation: clusters -> classes
             ids = torch.tensor(result["cluster"]["mapping"])[ids.long()]

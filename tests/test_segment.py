@@ -72,3 +72,13 @@ def test_a_large_photo_is_segmented_in_bounded_memory(run, monkeypatch):
     small = segment(np.asarray(Image.fromarray(photo).resize((400, 300), Image.BILINEAR)), run).labels
     enlarged = np.asarray(Image.fromarray(small.astype(np.int32)).resize((4000, 3000), Image.NEAREST))
     assert (enlarged == result.labels).mean() > 0.97
+
+
+def test_a_loaded_run_segments_like_its_folder(run):
+    from hpkit.checkpoint import load_run
+
+    image = (np.random.default_rng(2).random((24, 40, 3)) * 255).astype(np.uint8)
+    evaluate(run)  # eval.json names the clusters: a loaded run must find it too
+    by_path, by_run = segment(image, run), segment(image, load_run(run / "checkpoint.pt"))
+    assert np.array_equal(by_path.labels, by_run.labels) and by_path.class_names == by_run.class_names
+    assert by_run.named == "classes"
