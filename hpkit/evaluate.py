@@ -99,7 +99,7 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
         notes.append(f"CRF skipped: {CRF_MISSING}")
         warnings.warn(notes[-1], stacklevel=2)
     count = len(data) if max_images is None else min(max_images, len(data))
-    rows = {"cluster": k, "linear": n_classes, "cluster_crf": k, "linear_crf": n_classes, "kmeans_backbone": k}
+    rows = {"cluster": k, "linear": n_classes, "cluster_crf": k, "linear_crf": n_classes}  # predictions per method
     keys = ["cluster", "linear"] + (["cluster_crf", "linear_crf"] if crf else [])
     confusion = {key: torch.zeros(rows[key], n_classes, dtype=torch.long) for key in keys}
     kept = []  # (backbone features, labels) per batch, for the k-means baseline

@@ -41,9 +41,9 @@ images, or all images when the folder has fewer.
 reads: decoding a 12-megapixel JPEG costs ~0.1 s, 3 s per batch of 32, as much as a training step.
 On a CPU with bfloat16 instructions (``avx512_bf16``/``amx_bf16``) stages 1 and 2 run under bf16
 autocast (``PretrainConfig.amp``; the losses stay float32). On this project's 2-core machine
-(avx512_bf16, no AMX; one thread, the card's settings) a stage-1 step took 2.14 s against 2.87 s in
-float32 and a stage-2 step 3.42 s against 4.64 s, and the losses stayed within 0.5 % of float32's
-over 30 and 16 steps. The whole recipe at the card's budget on the synthetic scenes, run on a GPU
+(avx512_bf16, no AMX; 2 threads, the card's settings, ``benchmarks/pretrain_amp.py``) a stage-1
+step took 1.12 s against 1.55 s in float32 and a stage-2 step 1.83 s against 2.54 s, and the losses
+stayed within 0.5 % of float32's over 30 and 16 steps. The whole recipe at the card's budget on the synthetic scenes, run on a GPU
 with and without bf16 autocast, matched the bundled file either way (linear-probe mIoU 53.0 and
 52.6, hp-tiny 52.4). On a GPU it stays off (no gain: the steps wait for the CPU's crops).
 ``--amp on|off`` overrides. Neither stage computes DINO's head: with ``dino_weight=0``, ``pretrain``
