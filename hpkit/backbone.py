@@ -346,8 +346,8 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         BackboneWeightsError: pretrained weights were requested but are neither local nor downloadable.
         ValueError: unknown name.
     """
-    if name == "auto" and weights is not None and _exported_architecture(weights):
-        name = _exported_architecture(weights)  # a file hpkit exported names the architecture it fits
+    if name == "auto" and weights is not None:  # a file hpkit exported names the architecture it fits
+        name = _exported_architecture(weights) or name
     if name == "auto":
         found = _local_weights(BACKBONES["dino_vits8"]) if weights is None else Path(weights)
         if found is not None:

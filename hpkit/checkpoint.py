@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from .heads import SegmentationHead
 from .probes import ClusterProbe, LinearProbe
 
 __all__ = ["CHECKPOINT", "RUN_FILES", "DERIVED_FILES", "save_checkpoint", "load_checkpoint", "load_run", "TrainedRun",
-           "run_folder", "prepare_run_folder", "write_text_atomic"]
+           "run_folder", "prepare_run_folder", "atomic_write"]
 
 CHECKPOINT = "checkpoint.pt"
 #: what a training run writes; a folder holding one of them holds a run
@@ -28,20 +29,22 @@ RUN_FILES = (CHECKPOINT, "config.json", "history.json")
 DERIVED_FILES = ("eval.json", "history.png", "confusion_cluster.png", "confusion_linear.png", "clusters.png")
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` on a temporary file in the same folder, then ``os.replace``
+    it into place: a crash mid-write never leaves half a file or replaces the old one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash mid-write never replaces the old file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def run_folder(path: str | Path) -> Path:
@@ -62,7 +65,7 @@ def prepare_run_folder(out: str | Path, *, resume: bool, force: bool) -> None:
     if existing and not resume and not force:
         raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}): continue it with --resume "
                               "(resume=True), or start over with --force (force=True), which deletes it")
-    stale = list(DERIVED_FILES) + ([] if resume else list(RUN_FILES) + [CHECKPOINT + ".tmp"])
+    stale = list(DERIVED_FILES) + ([] if resume else list(RUN_FILES) + [f".{CHECKPOINT}.tmp"])
     for name in stale:
         (out / name).unlink(missing_ok=True)
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .backbone import FrozenViT
-from .checkpoint import load_run, run_folder, write_text_atomic
+from .checkpoint import atomic_write, load_run, run_folder
 from .crf import MISSING_MESSAGE as CRF_MISSING
 from .crf import crf_available, crf_batch
 from .data.build import build_dataset
@@ -201,5 +201,5 @@ def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None =
     result["notes"] = notes + result.get("notes", [])
     result.update({"split": getattr(data, "split_used", "val"), "config": run.state["config"],
                    "step": run.state["step"], "backbone": run.backbone.name})
-    write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2))
+    atomic_write(run_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return result

@@ -88,7 +88,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import timm
@@ -100,6 +100,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .backbone import BACKBONES, file_sha256
+from .checkpoint import atomic_write
 
 __all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
            "correspondence", "dense_dino_loss", "neighbour_points", "vicreg_terms", "dense_vicreg_loss", "expander",
@@ -817,17 +818,6 @@ def pretraining_images(dataset: str, root: str | None, num_images: int | None, i
 def _dataset(cfg: PretrainConfig) -> Dataset:
     """The pretraining images (labels are never used)."""
     return pretraining_images(cfg.dataset, cfg.root, cfg.num_images, cfg.image_size, cfg.data_seed)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _config_dict(cfg: PretrainConfig) -> dict:

@@ -55,7 +55,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .backbone import FrozenViT, file_sha256, load_backbone
-from .checkpoint import CHECKPOINT, load_checkpoint, prepare_run_folder, save_checkpoint, write_text_atomic
+from .checkpoint import CHECKPOINT, atomic_write, load_checkpoint, prepare_run_folder, save_checkpoint
 from .config import Config, to_dict
 from .data.build import UNLABELLED_CLUSTERS, build_dataset
 from .data.folder import scan_folder
@@ -394,7 +394,8 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
                              "pools": pools.state_dict(), "step": step, "history": history,
                              "validation": validation, "probe_refitted": refitted, "config": to_dict(cfg)},
                             ckpt_path)
-            write_text_atomic(out / "history.json", json.dumps({"steps": history, "validation": validation}))
+            atomic_write(out / "history.json",
+                         lambda tmp: tmp.write_text(json.dumps({"steps": history, "validation": validation})))
 
     def validate() -> None:
         if main and val_data is not None:

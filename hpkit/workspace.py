@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, atomic_write
 from .config import Config, dumps, get_config, override
 
 __all__ = ["workspace_dir", "notebook_config", "photos_config", "resolved_backbone", "trained_run", "data_fingerprint"]
@@ -131,7 +131,5 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
         return run
     resume = (run / CHECKPOINT).is_file()  # else: a start that failed before its first checkpoint, redone
     train(cfg, run, resume=resume, force=not resume, max_steps=max_steps, progress=progress)
-    tmp = run / (_DONE + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, run / _DONE)
+    atomic_write(run / _DONE, lambda tmp: tmp.write_text(text))
     return run

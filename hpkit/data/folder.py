@@ -102,10 +102,6 @@ class FolderLayout:
     colors: np.ndarray | None = None  # (n, 3) uint8
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def labelled(self) -> bool:
-        return bool(self.class_names)
-
     def fingerprint(self) -> str:
         """A digest of every file the dataset reads (path, size, modification time): caches and runs
         keyed on it notice photos that were added, removed or replaced."""
@@ -117,9 +113,9 @@ class FolderLayout:
         return digest.hexdigest()
 
 
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+def _images_in(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (sub-folders included, folders named ``labels`` left out), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and "labels" not in p.relative_to(folder).parts[:-1])
 
 
@@ -214,7 +210,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
             if not image_dir.is_dir():
                 raise ValueError(f"{root / split} has no images/ folder: put its photos in {image_dir} (and label "
                                  f"maps, if any, in {root / split / 'labels'})")
-            images = _images_in(image_dir, recursive=True)
+            images = _images_in(image_dir)
             if not images:
                 raise ValueError(f"the {split} split is empty: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                                  f"{image_dir}")
@@ -225,7 +221,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
             notes.append(f"{root} has no val split ({root / 'val' / 'images'}): metrics are computed on the "
                          "training images")
     else:
-        images = _images_in(root, recursive=True)
+        images = _images_in(root)
         if not images:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {root}")
         splits = {"train": FolderSplit(images)}
