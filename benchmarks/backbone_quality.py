@@ -17,7 +17,7 @@ features, Hungarian-matched; the Fig. 1(c) premise: among the 8 neighbours of ev
 same-class rate of those above / below the anchor's attention row mean (:mod:`hpkit.diagnostics`);
 and GHP precision: with a task-agnostic pool of one random patch from each of ``--pool`` train
 images, the share of the val patches' global hidden positives that have the anchor's class
-(:func:`hpkit.explorer.positives_vs_pool_size`, Eq. 2-3). Prints a markdown table; deterministic
+(:func:`hpkit.lessons.explorer.positives_vs_pool_size`, Eq. 2-3). Prints a markdown table; deterministic
 for given inputs.
 """
 
@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpkit import BACKBONES, load_backbone  # noqa: E402
-from hpkit.config import get_config  # noqa: E402
-from hpkit.data import build_dataset  # noqa: E402
-from hpkit.diagnostics import (attention_agreement, extract, ghp_precision, kmeans_miou,  # noqa: E402
+from hpkit.pipeline.config import get_config  # noqa: E402
+from hpkit.pipeline.datasets import build_dataset  # noqa: E402
+from hpkit.lessons.diagnostics import (attention_agreement, extract, ghp_precision, kmeans_miou,  # noqa: E402
                                linear_probe_miou, patch_labels)
 
 

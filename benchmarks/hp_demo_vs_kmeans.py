@@ -9,7 +9,7 @@ Usage::
 
 For each backbone and seed: HP trained with the demo preset plus ``--set`` overrides (by default
 512 synthetic train scenes, 4 epochs, batch 8; any dataset, e.g. a labelled folder of photos; ``model.backbone`` set to the backbone, ``--set model.weights=FILE`` loads weights exported
-by ``hpkit pretrain`` into ``random_tiny``), then ``hpkit.evaluate.evaluate`` on the val split (64 scenes):
+by ``hpkit pretrain`` into ``random_tiny``), then ``hpkit.pipeline.evaluate.evaluate`` on the val split (64 scenes):
 the cluster probe (Hungarian-matched), the linear probe, and k-means (k = the cluster probe's K,
 best of 5 restarts by inertia, seeded by the run's seed) on the frozen backbone's val features, scored the same way. Prints a markdown table of pixel
 accuracy / mIoU per run and the mean over seeds. Issue 4 asks that HP beat this k-means baseline
@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpkit.config import get_config  # noqa: E402
-from hpkit.evaluate import evaluate  # noqa: E402
-from hpkit.train import train  # noqa: E402
+from hpkit.pipeline.config import get_config  # noqa: E402
+from hpkit.pipeline.evaluate import evaluate  # noqa: E402
+from hpkit.pipeline.train import train  # noqa: E402
 
 KEYS = ("cluster", "kmeans_backbone", "linear")
 

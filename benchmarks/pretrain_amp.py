@@ -11,7 +11,7 @@ bf16 autocast (A B A B ...) so that a machine getting busier slows both alike. A
 ``pretrain``'s own per-step ``seconds``; the first step of every run is left out (warm-up). Prints a
 markdown table of the median seconds per step, the speed-up and the largest relative difference of
 the losses, with the 1-minute load average: a figure is only valid from an idle machine. Whether
-bf16 helps depends on the CPU: ``hpkit.recipe.bf16_is_fast`` turns it on where the CPU has bf16
+bf16 helps depends on the CPU: ``hpkit.backbones.recipe.bf16_is_fast`` turns it on where the CPU has bf16
 instructions.
 """
 
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpkit.pretrain import PretrainConfig, pretrain  # noqa: E402
-from hpkit.recipe import RECIPES, make_plan, stage_configs  # noqa: E402
+from hpkit.backbones.pretrain import PretrainConfig, pretrain  # noqa: E402
+from hpkit.backbones.recipe import RECIPES, make_plan, stage_configs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ Usage::
 
 The photos are ``--root`` or, by default, the sample photos that scikit-learn, matplotlib and
 scikit-image ship (:func:`hpkit.data.write_sample_photos`). HP trains with the demo preset on the
-folder (:func:`hpkit.workspace.photos_config`: ``data.dataset=folder``, one random 128 px square per
+folder (:func:`hpkit.lessons.workspace.photos_config`: ``data.dataset=folder``, one random 128 px square per
 photo, pool size and batch capped at the number of photos, at least 64 steps; ``model.num_clusters``
 6 unless set), then :func:`hpkit.segment` labels each whole
 photo at ``data.val_size`` (128 px shorter side). The picture has one row per photo: the photo and its
@@ -35,11 +35,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hpkit  # noqa: E402
-from hpkit.checkpoint import load_run  # noqa: E402
+from hpkit.pipeline.checkpoint import load_run  # noqa: E402
 from hpkit.data import scan_folder, write_sample_photos  # noqa: E402
-from hpkit.plots import colorize, legend_handles  # noqa: E402
-from hpkit.train import train  # noqa: E402
-from hpkit.workspace import photos_config, resolved_backbone  # noqa: E402
+from hpkit.lessons.plots import colorize, legend_handles  # noqa: E402
+from hpkit.pipeline.train import train  # noqa: E402
+from hpkit.lessons.workspace import photos_config, resolved_backbone  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

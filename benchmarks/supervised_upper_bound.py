@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpkit.data import SyntheticScenes  # noqa: E402
-from hpkit.diagnostics import patch_labels  # noqa: E402
-from hpkit.pretrain import DINOHead, DINONet, PretrainConfig, build_vit  # noqa: E402
+from hpkit.lessons.diagnostics import patch_labels  # noqa: E402
+from hpkit.backbones.pretrain import DINOHead, DINONet, PretrainConfig, build_vit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

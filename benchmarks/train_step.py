@@ -15,7 +15,7 @@ Training cases (each in a fresh subprocess, so its peak memory is its own), on s
   seed 0, saved to a temporary ``.pt`` file and passed as ``model.weights``: the DINO weights are not
   needed to time the step, only the architecture);
 
-``+cache`` sets ``train.cache_features=true``. Every case runs :func:`hpkit.train.train` with
+``+cache`` sets ``train.cache_features=true``. Every case runs :func:`hpkit.pipeline.train.train` with
 ``data.num_train = 2 * batch`` (two steps per epoch), ``loss.pool_size = num_train`` (the paper's
 M = 2048 would need 2048 training images; M only enters the objective's (N, M) products),
 ``loss.warmup=0``, ``train.val_every=0``, ``data.num_workers=0`` and ``--steps`` steps. The first
@@ -40,7 +40,7 @@ step). Should ``train`` stop calling it, the peak covers the whole run instead a
 ``--json`` also records the memory held when the window opened (``start_gb``) and the epoch-1 step
 times (``first_epoch_s``: with the cache on, the steps that fill it).
 
-CRF cases ``crf224`` / ``crf320``: :func:`hpkit.crf.dense_crf` on a synthetic scene of that size with
+CRF cases ``crf224`` / ``crf320``: :func:`hpkit.pipeline.crf.dense_crf` on a synthetic scene of that size with
 random 27-class logits on the 8-pixel patch grid (resized inside, as in evaluation); the median of
 ``--crf-images`` images after one warm-up image, one process, one image at a time; its peak memory is
 the growth of the peak resident set over the calls (as in ``objective.py``), not the absolute value.
@@ -91,7 +91,7 @@ class _StepHook:
 
 
 def _train_config(case: str, batch: int, steps: int, device: str, tmp: Path):
-    from hpkit.config import get_config
+    from hpkit.pipeline.config import get_config
 
     num_train = STEPS_PER_EPOCH * batch
     common = {"data.dataset": "synthetic", "data.num_train": num_train, "data.num_val": 8,
@@ -113,7 +113,7 @@ def _train_config(case: str, batch: int, steps: int, device: str, tmp: Path):
 def _run_train_case(case: str, batch: int, steps: int, device: str) -> dict:
     import torch
 
-    import hpkit.train as train_module
+    import hpkit.pipeline.train as train_module
     from objective import _peak_rss_gb, _reset_peak_rss, _rss_gb
 
     cuda = device.startswith("cuda")
@@ -154,7 +154,7 @@ def _run_train_case(case: str, batch: int, steps: int, device: str) -> dict:
 def _run_crf_case(case: str, images: int) -> dict:
     import torch
 
-    from hpkit.crf import dense_crf
+    from hpkit.pipeline.crf import dense_crf
     from hpkit.data.synthetic import SyntheticScenes
     from objective import _peak_rss_gb, _reset_peak_rss, _rss_gb
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{off['step_s'] / on['step_s']:.2f}x ({off['step_s']:.3f} -> {on['step_s']:.3f} s/step)")
     crf_rows = [r for r in rows if r["case"].startswith("crf")]
     if crf_rows:
-        print(f"\nDense CRF (hpkit.crf.dense_crf, {CRF_CLASSES} classes, one image, CPU; median of "
+        print(f"\nDense CRF (hpkit.pipeline.crf.dense_crf, {CRF_CLASSES} classes, one image, CPU; median of "
               f"{args.crf_images} images after a warm-up; peak GB: growth of the peak resident set over the calls)\n")
         print("| case | image px | median s/image | images/s | peak GB |")
         print("|---|---|---|---|---|")

@@ -10,14 +10,14 @@ Data flow (rows are image-major everywhere, row = b * P + y * w + x, P = h * w):
     hp_objective(z, f, s', Q^ag, Q^sp, z_mix=z_mix) -> scalar loss
 """
 
-from .backbone import BACKBONES, BackboneWeightsError, FrozenViT, load_backbone
-from .global_positives import criterion, global_hidden_positives, positive_mask
-from .heads import MomentumHead, ProjectionHead, SegmentationHead, from_rows, to_rows
-from .local_positives import local_mix, local_weights, mix_neighbours
-from .objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
-from .pools import ReferencePools, collect_patch_bank, sample_patches
-from .config import Config, get_config, override
-from .segment import segment  # the function ``hpkit.segment(image, run_dir)``; its module stays importable
+from hpkit.backbones.vit import BACKBONES, BackboneWeightsError, FrozenViT, load_backbone
+from hpkit.method.global_positives import criterion, global_hidden_positives, positive_mask
+from hpkit.method.heads import MomentumHead, ProjectionHead, SegmentationHead, from_rows, to_rows
+from hpkit.method.local_positives import local_mix, local_weights, mix_neighbours
+from hpkit.method.objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
+from hpkit.method.pools import ReferencePools, collect_patch_bank, sample_patches
+from hpkit.pipeline.config import Config, get_config, override
+from hpkit.pipeline.inference import segment  # the function ``hpkit.segment(image, run_dir)``; its module stays importable
 
 __version__ = "0.1.0"
 

@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["pretrain"], ["align-attention"]):  # their own parsers: one flag per config field
         if argv[0] == "pretrain":
-            from .pretrain import main as command
+            from hpkit.backbones.pretrain import main as command
         else:
-            from .attention_alignment import main as command
+            from hpkit.backbones.alignment import main as command
 
         try:
             command(argv[1:], prog=f"hpkit {argv[0]}")
@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "quickstart":
-            from .quickstart import run_quickstart
+            from hpkit.lessons.quickstart import run_quickstart
 
             run_quickstart(backbone=args.backbone, batch=args.batch, image_size=args.image_size, seed=args.seed)
         elif args.command == "train":
-            from .config import get_config
-            from .train import train
+            from hpkit.pipeline.config import get_config
+            from hpkit.pipeline.train import train
 
             cfg = get_config(args.preset, args.overrides)
             result = train(cfg, args.out, resume=args.resume, force=args.force, max_steps=args.max_steps)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
                 print(f"trained {result['steps']} steps, last loss {last:.4f}; checkpoint in {args.out}")
         elif args.command == "eval":
-            from .evaluate import evaluate
+            from hpkit.pipeline.evaluate import evaluate
 
             result = evaluate(args.run_dir, crf=args.crf, max_images=args.max_images, progress=not args.no_progress)
             if args.plots:
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print_eval(result)
         elif args.command == "prepare":
-            from .data.prepare import five_crop
+            from hpkit.data.prepare import five_crop
 
             folder = five_crop(args.dataset, args.root, args.split, workers=args.workers)
             print(f"five-crop copies of {args.split} in {folder}; train with --set data.root={args.root}")
         elif args.command == "download":
-            from .data.prepare import check_layout, download
+            from hpkit.data.prepare import check_layout, download
 
             if not args.check:
                 download(args.dataset, args.root, url=args.url)
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(problems) if problems else f"{args.root} is ready for {args.dataset}")
             return 1 if problems else 0
         elif args.command == "sample-photos":
-            from .data.samples import write_sample_photos
+            from hpkit.data.samples import write_sample_photos
 
             written = write_sample_photos(args.dir)
             print(f"{len(written)} photos written to {args.dir}: {', '.join(p.name for p in written)}")
         elif args.command == "segment":
-            from .segment import save_label_png, segment
+            from hpkit.pipeline.inference import save_label_png, segment
 
             for option in ("out", "labels_out", "overlay_out"):  # fail before the work, not after it
                 target = getattr(args, option)
@@ -148,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             if result.note:
                 print(f"note: {result.note}")
             if args.out:
-                import matplotlib
+                from hpkit.lessons.plots import headless, plot_photo_segmentation
 
-                matplotlib.use("Agg")
-                result.figure().savefig(args.out, dpi=110)
+                headless()
+                plot_photo_segmentation(result).savefig(args.out, dpi=110)
                 print(f"photo and {result.named} written to {args.out}")
             if args.labels_out:
                 save_label_png(result.labels, args.labels_out)
@@ -188,11 +188,10 @@ def _print_eval(result: dict) -> None:
 
 
 def _write_plots(run_dir: str, result: dict) -> None:
-    import matplotlib
+    from hpkit.lessons.plots import headless, plot_cluster_gallery, plot_confusion, plot_history
+    from hpkit.pipeline.checkpoint import run_folder
 
-    matplotlib.use("Agg")
-    from .checkpoint import run_folder
-    from .plots import plot_cluster_gallery, plot_confusion, plot_history
+    headless()
 
     out = run_folder(run_dir)
     written = []

@@ -39,8 +39,8 @@ def batch():
 
 @pytest.fixture(scope="session")
 def _trained_tiny_run(tmp_path_factory):
-    from hpkit.config import get_config
-    from hpkit.train import train
+    from hpkit.pipeline.config import get_config
+    from hpkit.pipeline.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     overrides = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",

@@ -8,10 +8,10 @@ import pytest
 
 matplotlib.use("Agg")
 
-import hpkit.train  # noqa: E402
-from hpkit import ablation as ab  # noqa: E402
-from hpkit.config import get_config, override  # noqa: E402
-from hpkit.workspace import notebook_config  # noqa: E402
+import hpkit.pipeline.train  # noqa: E402
+from hpkit.lessons import ablation as ab  # noqa: E402
+from hpkit.pipeline.config import get_config, override  # noqa: E402
+from hpkit.lessons.workspace import notebook_config  # noqa: E402
 
 SMALL = {"model.backbone": "random_tiny", "data.image_size": 32, "data.val_size": 32, "data.num_train": 8,
          "data.num_val": 2, "data.batch_size": 4, "model.dim": 16, "loss.pool_size": 8, "train.epochs": 1,
@@ -68,13 +68,13 @@ def test_summarize_mean_and_spread_by_hand():
 
 def test_runner_trains_once_then_reuses(tmp_path, monkeypatch):
     calls = []
-    real = hpkit.train.train
+    real = hpkit.pipeline.train.train
 
     def counting(cfg, out, **kwargs):
         calls.append((cfg.loss.lhp, cfg.train.seed, kwargs["max_steps"]))
         return real(cfg, out, **kwargs)
 
-    monkeypatch.setattr(hpkit.train, "train", counting)
+    monkeypatch.setattr(hpkit.pipeline.train, "train", counting)
     base = notebook_config(overrides=SMALL)
     specs = ab.table4_specs([0, 1], "ab") + [("again (a)", {}, 0)]  # same config as (a) seed 0: one run
     first = ab.run_ablation(base, specs, max_steps=2, max_images=2, workspace=tmp_path, verbose=False)

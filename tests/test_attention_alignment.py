@@ -9,7 +9,7 @@ import torch
 
 from hpkit import load_backbone
 from hpkit.__main__ import main as cli
-from hpkit.attention_alignment import AlignConfig, affinity_targets, align_attention, align_file, attention_alignment_loss
+from hpkit.backbones.alignment import AlignConfig, affinity_targets, align_attention, align_file, attention_alignment_loss
 
 SMALL = dict(steps=4, batch_size=4, num_images=8, image_size=32, lr=1e-2)
 

@@ -10,7 +10,7 @@ import torch
 matplotlib.use("Agg")
 
 from hpkit import local_weights  # noqa: E402
-from hpkit.attention_plots import (anchor_neighbourhood, attention_maps, attention_row, choose_anchors,  # noqa: E402
+from hpkit.lessons.attention import (anchor_neighbourhood, attention_maps, attention_row, choose_anchors,  # noqa: E402
                                    plot_agreement, plot_attention_heads, plot_gradient_flow,
                                    plot_local_positives, plot_row_threshold)
 

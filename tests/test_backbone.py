@@ -127,7 +127,7 @@ def test_auto_uses_local_dino_weights_else_falls_back(tmp_path, vits8_state):
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpkit:")]
     assert len(lines) == 1 and "no DINO ViT-S/8 weights" in lines[0] and "bundled 'hp-tiny'" in lines[0]
     # Without the bundled file (an install without data/): the random backbone, said in one line.
-    missing = ("import hpkit, hpkit.backbone as b, pathlib; b.BUNDLED_WEIGHTS = pathlib.Path('/no/such.safetensors'); "
+    missing = ("import hpkit, hpkit.backbones.vit as b, pathlib; b.BUNDLED_WEIGHTS = pathlib.Path('/no/such.safetensors'); "
                "print('NAME', hpkit.load_backbone('auto').name)\n"
                "try:\n    hpkit.load_backbone('hp-tiny')\nexcept hpkit.BackboneWeightsError as e:\n    print('ERR', e)")
     result = _run_offline(missing, tmp_path)
@@ -142,7 +142,7 @@ def test_auto_uses_local_dino_weights_else_falls_back(tmp_path, vits8_state):
 def test_unreachable_hub_fails_fast_with_advice(tmp_path, monkeypatch):
     import socket
 
-    import hpkit.backbone as backbone
+    import hpkit.backbones.vit as backbone
 
     def refuse(*args, **kwargs):
         raise OSError("Name or service not known")
@@ -167,7 +167,7 @@ def test_random_tiny_is_the_same_in_every_run():
 def test_weights_source_and_digest_follow_the_file(tmp_path, tiny):
     import hashlib
 
-    from hpkit.backbone import BUNDLED_WEIGHTS, file_sha256, weights_source
+    from hpkit.backbones.vit import BUNDLED_WEIGHTS, file_sha256, weights_source
 
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in tiny.vit.state_dict().items()}, str(path))

@@ -16,13 +16,13 @@ import torch
 from safetensors import safe_open
 
 from hpkit import load_backbone
-from hpkit.attention_alignment import AlignConfig
-from hpkit.backbone import BUNDLED_WEIGHTS
+from hpkit.backbones.alignment import AlignConfig
+from hpkit.backbones.vit import BUNDLED_WEIGHTS
 from hpkit.data import SyntheticScenes
-from hpkit.diagnostics import (attention_agreement, extract, ghp_precision, kmeans_miou, linear_probe_miou,
+from hpkit.lessons.diagnostics import (attention_agreement, extract, ghp_precision, kmeans_miou, linear_probe_miou,
                                patch_labels)
-from hpkit.pretrain import _RUN_ONLY as RUN_ONLY  # settings that may differ between runs of one recipe
-from hpkit.pretrain import PretrainConfig
+from hpkit.backbones.pretrain import _RUN_ONLY as RUN_ONLY  # settings that may differ between runs of one recipe
+from hpkit.backbones.pretrain import PretrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Before/after examples and run comparisons: the numbers agree with hpkit.evaluate on the same images."""
+"""Before/after examples and run comparisons: the numbers agree with hpkit.pipeline.evaluate on the same images."""
 
 import json
 
@@ -8,9 +8,9 @@ import pytest
 
 matplotlib.use("Agg")
 
-from hpkit.compare import HP, HP_CRF, KMEANS, example_segmentations, format_table, metrics_table, plot_runs  # noqa: E402
-from hpkit.crf import crf_available  # noqa: E402
-from hpkit.evaluate import evaluate  # noqa: E402
+from hpkit.lessons.compare import HP, HP_CRF, KMEANS, example_segmentations, format_table, metrics_table, plot_runs  # noqa: E402
+from hpkit.pipeline.crf import crf_available  # noqa: E402
+from hpkit.pipeline.evaluate import evaluate  # noqa: E402
 
 @pytest.fixture
 def run(tiny_run):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hpkit.config import PRESETS, Config, dumps, from_dict, get_config, override, to_dict
+from hpkit.pipeline.config import PRESETS, Config, dumps, from_dict, get_config, override, to_dict
 
 
 def test_presets_carry_table_6_and_the_official_values():

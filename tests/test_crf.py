@@ -5,7 +5,7 @@ import builtins
 import pytest
 import torch
 
-import hpkit.crf as crf
+import hpkit.pipeline.crf as crf
 
 
 def two_region_case(seed=0):

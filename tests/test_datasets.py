@@ -298,9 +298,9 @@ def test_download_offline_fails_clearly(tmp_path, monkeypatch):
 def test_prepare_command_then_train_and_eval_a_real_preset(coco, tmp_path):
     """`hpkit prepare` + the cocostuff27 preset end to end on the fake layout (10 crops, 1 val image)."""
     from hpkit.__main__ import main
-    from hpkit.config import get_config
-    from hpkit.evaluate import evaluate
-    from hpkit.train import train
+    from hpkit.pipeline.config import get_config
+    from hpkit.pipeline.evaluate import evaluate
+    from hpkit.pipeline.train import train
 
     assert main(["prepare", "cocostuff27", "--root", str(coco), "--workers", "0"]) == 0
     assert len(CocoStuff27(coco, "train")) == 10

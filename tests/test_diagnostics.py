@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hpkit.diagnostics import attention_agreement, ghp_precision, kmeans_miou, linear_probe_miou, patch_labels
+from hpkit.lessons.diagnostics import attention_agreement, ghp_precision, kmeans_miou, linear_probe_miou, patch_labels
 
 
 def test_patch_labels_take_the_centre_pixel():

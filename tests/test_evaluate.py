@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from hpkit import SegmentationHead, load_backbone
-from hpkit.config import get_config
-from hpkit.evaluate import evaluate
-from hpkit.probes import LinearProbe
-from hpkit.data.build import build_dataset
-from hpkit.train import train
+from hpkit.pipeline.config import get_config
+from hpkit.pipeline.evaluate import evaluate
+from hpkit.pipeline.probes import LinearProbe
+from hpkit.pipeline.datasets import build_dataset
+from hpkit.pipeline.train import train
 
 TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
         "data.num_val=6", "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "train.epochs=1"]
@@ -51,7 +51,7 @@ def test_missing_run_is_a_clear_error(tmp_path):
 
 def test_missing_crf_package_is_a_note_not_a_crash(tmp_path, monkeypatch):
     train(get_config("demo", TINY), tmp_path, max_steps=2, progress=False)
-    monkeypatch.setattr("hpkit.evaluate.crf_available", lambda: False)
+    monkeypatch.setattr("hpkit.pipeline.evaluate.crf_available", lambda: False)
     with pytest.warns(UserWarning, match="CRF skipped: dense CRF needs the pydensecrf module"):
         result = evaluate(tmp_path, crf=True, batch_size=4)
     assert "cluster_crf" not in result and "cluster" in result and result["notes"][0].startswith("CRF skipped")

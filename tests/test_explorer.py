@@ -10,7 +10,7 @@ import torch
 matplotlib.use("Agg")
 
 import hpkit  # noqa: E402
-from hpkit import explorer as hx  # noqa: E402
+from hpkit.lessons import explorer as hx  # noqa: E402
 from hpkit.data.synthetic import SyntheticScenes  # noqa: E402
 
 

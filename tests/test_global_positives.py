@@ -6,7 +6,7 @@ import torch
 from dense_reference import ghp_sets
 
 from hpkit import criterion, global_hidden_positives, positive_mask
-from hpkit.global_positives import has_positive
+from hpkit.method.global_positives import has_positive
 
 S60 = math.sin(math.radians(60))
 # Three unit features: 0 at 0 deg, 1 at 60 deg, 2 at 180 deg; pool = one entry at 90 deg.

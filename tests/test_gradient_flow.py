@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hpkit import ProjectionHead, SegmentationHead, local_weights
-from hpkit.gradient_flow import anchor_contrastive_loss, anchor_gradient_flow, patch_gradient_norms
+from hpkit.lessons.gradient_flow import anchor_contrastive_loss, anchor_gradient_flow, patch_gradient_norms
 
 C_VEC = torch.tensor([3.0, 4.0], dtype=torch.float64)  # ||c|| = 5
 

@@ -7,7 +7,7 @@ import torch
 from dense_reference import official_lhp_dense
 
 from hpkit import local_mix, local_weights, mix_neighbours
-from hpkit.local_positives import neighbour_index, row_quantiles
+from hpkit.method.local_positives import neighbour_index, row_quantiles
 
 
 def logits_3x3(row_for_anchor: dict[int, list[float]]) -> torch.Tensor:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hpkit.metrics import confusion_matrix, hungarian_match, segmentation_metrics
+from hpkit.pipeline.metrics import confusion_matrix, hungarian_match, segmentation_metrics
 
 
 def test_confusion_ignores_invalid_labels():

@@ -216,7 +216,7 @@ def test_bfloat16_matmuls_stay_close_to_float32(batch, style):
 
 @pytest.mark.parametrize("rate,cols", [(0.02, 5000), (0.15, 300), (0.5, 400)])
 def test_bernoulli_mask_has_the_requested_rate(rate, cols):
-    from hpkit.objective import bernoulli_mask
+    from hpkit.method.objective import bernoulli_mask
 
     rows = 400
     mask = bernoulli_mask(rows, cols, rate, generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from hpkit.plots import colorize, legend_handles, plot_confusion, plot_history, plot_segmentation  # noqa: E402
+from hpkit.lessons.plots import colorize, legend_handles, plot_confusion, plot_history, plot_segmentation  # noqa: E402
 
 
 def test_history_plot_from_a_run_folder(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import hpkit.pretrain
+import hpkit.backbones.pretrain
 from hpkit import BACKBONES, FrozenViT, load_backbone
-from hpkit.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, correspondence,
+from hpkit.backbones.pretrain import (CHECKPOINT, MultiCrop, PretrainConfig, PretrainingDiverged, build_vit, correspondence,
                             cosine_schedule, dense_dino_loss, dense_vicreg_loss, dino_loss, ema_update, export_backbone,
                             neighbour_points, pretrain, region_contrast_loss, region_ids, region_masks,
                             similarity_keep_loss, teacher_temperature, update_center, vicreg_terms)
@@ -345,7 +345,7 @@ def test_regions_objective_trains_and_resumes(tmp_path):
     pretrain(cfg, tmp_path / "split", max_steps=1, progress=False)
     resumed = pretrain(cfg, tmp_path / "split", max_steps=3, progress=False, resume=True)
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)  # the masks come from the seed's init
-    assert not hpkit.pretrain.trains_teacher(cfg)
+    assert not hpkit.backbones.pretrain.trains_teacher(cfg)
     with pytest.raises(ValueError, match="region_clusters must be"):
         PretrainConfig(region_clusters=1)
 
@@ -464,7 +464,7 @@ def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
         torch.testing.assert_close(teacher[key], value, atol=1e-6, rtol=0)
 
     # Ctrl-C during step 2: that step finishes, is saved, and the resumed run continues identically.
-    real, calls = hpkit.pretrain.dino_loss, []
+    real, calls = hpkit.backbones.pretrain.dino_loss, []
 
     def interrupted_loss(*args, **kwargs):
         calls.append(1)
@@ -472,7 +472,7 @@ def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hpkit.pretrain, "dino_loss", interrupted_loss)
+    monkeypatch.setattr(hpkit.backbones.pretrain, "dino_loss", interrupted_loss)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, tmp_path / "ctrl_c", max_steps=4, progress=False)
     monkeypatch.undo()
@@ -508,14 +508,14 @@ def test_checkpoints_are_atomic_and_nan_stops_at_the_step(tmp_path, monkeypatch)
     assert (tmp_path / CHECKPOINT).read_bytes() == good  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "config.json", "history.json"]
 
-    real, calls = hpkit.pretrain.dino_loss, []
+    real, calls = hpkit.backbones.pretrain.dino_loss, []
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 1 else loss
 
-    monkeypatch.setattr(hpkit.pretrain, "dino_loss", nan_at_step_3)
+    monkeypatch.setattr(hpkit.backbones.pretrain, "dino_loss", nan_at_step_3)
     with pytest.raises(PretrainingDiverged, match="at step 2 "):
         pretrain(cfg, tmp_path, max_steps=4, progress=False, resume=True)
     assert (tmp_path / CHECKPOINT).read_bytes() == good
@@ -558,7 +558,7 @@ def test_command_line(tmp_path, capsys):
             "--local-crop-size", "16", "--num-local-crops", "1", "--global-crop-scale", "0.5,1", "--depth", "1",
             "--out-dim", "32", "--hidden-dim", "16", "--bottleneck-dim", "8", "--batch-size", "4", "--amp", "false",
             "--max-steps", "1", "--no-progress", "--export", str(tmp_path / "w.safetensors")]
-    hpkit.pretrain.main(args)
+    hpkit.backbones.pretrain.main(args)
     assert "1 steps" in capsys.readouterr().out and (tmp_path / "w.safetensors").is_file()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["global_crop_scale"] == [0.5, 1.0] and saved["depth"] == 1 and saved["amp"] is False

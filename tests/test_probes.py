@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpkit.metrics import confusion_matrix, segmentation_metrics
-from hpkit.probes import ClusterProbe, LinearProbe, fit_kmeans
+from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
+from hpkit.pipeline.probes import ClusterProbe, LinearProbe, fit_kmeans
 
 
 def separable(seed=0, b=4, d=8, h=6, w=6, k=3):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpkit.config import get_config
+from hpkit.pipeline.config import get_config
 from hpkit.data import write_sample_photos, write_scene_folder
 
 REPO = Path(__file__).parents[1]
@@ -89,7 +89,7 @@ def test_unlabelled_real_photos_train_segment_and_are_never_overwritten(tmp_path
 
 
 def test_a_failure_after_training_started_keeps_the_last_step(tmp_path, monkeypatch):
-    import hpkit.train as train_module
+    import hpkit.pipeline.train as train_module
 
     cfg = get_config("demo", ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32",
                               "data.num_train=16", "data.num_val=4", "data.batch_size=4", "model.dim=16",

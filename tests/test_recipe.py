@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import hpkit.pretrain
-import hpkit.recipe
+import hpkit.backbones.pretrain
+import hpkit.backbones.recipe
 from hpkit import load_backbone
 from hpkit.__main__ import main as cli
-from hpkit.backbone import BUNDLED_WEIGHTS
-from hpkit.pretrain import _RUN_ONLY, _config_dict, read_backbone_metadata
-from hpkit.recipe import RECIPES, make_plan, split_budget, stage_configs, steps_for_minutes, time_stages
+from hpkit.backbones.vit import BUNDLED_WEIGHTS
+from hpkit.backbones.pretrain import _RUN_ONLY, _config_dict, read_backbone_metadata
+from hpkit.backbones.recipe import RECIPES, make_plan, split_budget, stage_configs, steps_for_minutes, time_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 HP_TINY = RECIPES["hp-tiny"]
@@ -105,8 +105,8 @@ def test_minutes_budget_takes_the_largest_step_count_that_fits():
 
 def test_recipe_runs_end_to_end_and_resumes_to_the_same_weights(photos, tmp_path, monkeypatch, capsys):
     heads = []
-    real_head = hpkit.pretrain.DINOHead.forward
-    monkeypatch.setattr(hpkit.pretrain.DINOHead, "forward", lambda self, x: heads.append(1) or real_head(self, x))
+    real_head = hpkit.backbones.pretrain.DINOHead.forward
+    monkeypatch.setattr(hpkit.backbones.pretrain.DINOHead, "forward", lambda self, x: heads.append(1) or real_head(self, x))
     full = tmp_path / "full"
     assert recipe(full, photos) == 0
     out = capsys.readouterr().out
@@ -133,13 +133,13 @@ def test_recipe_runs_end_to_end_and_resumes_to_the_same_weights(photos, tmp_path
     assert json.loads((full / "recipe.json").read_text()) == meta["recipe"]
     assert len(list((full / "images").glob("*.png"))) == 6
     # The cache holds exactly the pixels ImageFolder reads from the photos.
-    source = hpkit.pretrain.pretraining_images("folder", str(photos), None, 64, 0)
-    cached = hpkit.pretrain.pretraining_images("folder", str(full / "images"), None, 64, 0)
+    source = hpkit.backbones.pretrain.pretraining_images("folder", str(photos), None, 64, 0)
+    cached = hpkit.backbones.pretrain.pretraining_images("folder", str(full / "images"), None, 64, 0)
     assert all(torch.equal(source[i][0], cached[i][0]) for i in range(6))
 
     # Ctrl-C in stage 1's third step, then in stage 2's first: each rerun continues where it stopped.
     def watch(name, interrupt_at=None):
-        real, calls = getattr(hpkit.pretrain, name), []
+        real, calls = getattr(hpkit.backbones.pretrain, name), []
 
         def wrapped(*args, **kwargs):
             calls.append(1)
@@ -147,7 +147,7 @@ def test_recipe_runs_end_to_end_and_resumes_to_the_same_weights(photos, tmp_path
                 signal.raise_signal(signal.SIGINT)  # the step finishes and is saved
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(hpkit.pretrain, name, wrapped)
+        monkeypatch.setattr(hpkit.backbones.pretrain, name, wrapped)
         return calls
 
     split = tmp_path / "split"
@@ -212,12 +212,12 @@ def test_bad_input_exits_2_with_one_line_before_any_work(args, message, photos, 
 def test_minutes_plan_is_timed_once_and_kept(photos, tmp_path, monkeypatch, capsys):
     timings = iter([{"seconds_per_step": [0.5, 1.0, 0.1], "setup_seconds": [1.0, 1.0, 1.0]},
                     {"seconds_per_step": [5.0, 9.0, 1.0], "setup_seconds": [1.0, 1.0, 1.0]}])
-    monkeypatch.setattr(hpkit.recipe, "time_stages", lambda *a, **k: next(timings))
+    monkeypatch.setattr(hpkit.backbones.recipe, "time_stages", lambda *a, **k: next(timings))
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hpkit.recipe, "pretrain", stop)
+    monkeypatch.setattr(hpkit.backbones.recipe, "pretrain", stop)
     argv = ["pretrain", "--recipe", "hp-tiny", str(tmp_path / "out"), "--root", str(photos), "--minutes", "1",
             "--image-size", "64", "--amp", "off", "--no-progress"]
     assert cli(argv) == 130

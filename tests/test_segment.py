@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpkit.evaluate import evaluate
-from hpkit.segment import segment
+from hpkit.pipeline.evaluate import evaluate
+from hpkit.pipeline.inference import segment
 
 @pytest.fixture
 def run(tiny_run):
@@ -53,7 +53,7 @@ def test_cli_segment_writes_overlay(run, tmp_path):
 
 
 def test_a_large_photo_is_segmented_in_bounded_memory(run, monkeypatch):
-    from hpkit.backbone import FrozenViT
+    from hpkit.backbones.vit import FrozenViT
 
     photo = np.zeros((3000, 4000, 3), np.uint8)
     photo[:1500] = (90, 140, 220)  # sky above, ground below
@@ -75,7 +75,7 @@ def test_a_large_photo_is_segmented_in_bounded_memory(run, monkeypatch):
 
 
 def test_a_loaded_run_segments_like_its_folder(run):
-    from hpkit.checkpoint import load_run
+    from hpkit.pipeline.checkpoint import load_run
 
     image = (np.random.default_rng(2).random((24, 40, 3)) * 255).astype(np.uint8)
     evaluate(run)  # eval.json names the clusters: a loaded run must find it too

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import hpkit.train
-from hpkit.config import get_config
-from hpkit.evaluate import evaluate
-from hpkit.feature_cache import FeatureCache
-from hpkit.train import TrainingDiverged, photometric, train
+import hpkit.pipeline.train
+from hpkit.pipeline.config import get_config
+from hpkit.pipeline.evaluate import evaluate
+from hpkit.pipeline.feature_cache import FeatureCache
+from hpkit.pipeline.train import TrainingDiverged, photometric, train
 
 TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", "data.num_train=24",
         "data.batch_size=4", "model.dim=16", "loss.pool_size=16", "loss.renew_interval=2", "loss.warmup=1",
@@ -70,7 +70,7 @@ def test_feature_cache_is_rebuilt_when_the_weights_file_changes(tmp_path):
     from safetensors.torch import save_file
 
     from hpkit import load_backbone
-    from hpkit.backbone import file_sha256
+    from hpkit.backbones.vit import file_sha256
 
     state = {k: v.contiguous() for k, v in load_backbone("random_tiny").vit.state_dict().items()}
     path = tmp_path / "w.safetensors"
@@ -117,18 +117,18 @@ def test_validation_history_matches_evaluation(tmp_path):
 def test_interrupt_keeps_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     cfg = get_config("demo", TINY)
     full = train(cfg, tmp_path / "full", max_steps=6, progress=False)
-    real = hpkit.train.lambda_schedule
+    real = hpkit.pipeline.train.lambda_schedule
 
     def interrupt_at_4(step, *args, **kwargs):
         if step == 4:
             raise KeyboardInterrupt
         return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(hpkit.train, "lambda_schedule", interrupt_at_4)
+    monkeypatch.setattr(hpkit.pipeline.train, "lambda_schedule", interrupt_at_4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(hpkit.train, "lambda_schedule", real)
+    monkeypatch.setattr(hpkit.pipeline.train, "lambda_schedule", real)
     resumed = train(cfg, tmp_path / "cut", max_steps=6, progress=False, resume=True)
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
 
@@ -171,8 +171,8 @@ def test_unlabelled_folder_trains_and_sizes_are_checked(tmp_path):
 
 
 def test_probe_refit_retrains_only_the_cluster_probe_on_the_final_head(tmp_path):
-    from hpkit.checkpoint import load_run
-    from hpkit.data.build import build_dataset
+    from hpkit.pipeline.checkpoint import load_run
+    from hpkit.pipeline.datasets import build_dataset
 
     base = TINY + ["train.cache_features=false"]  # features straight from the backbone, as the reference below
     plain = get_config("demo", base + ["train.probe_refit_epochs=0"])

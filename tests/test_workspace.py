@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hpkit.workspace import notebook_config, trained_run, workspace_dir
+from hpkit.lessons.workspace import notebook_config, trained_run, workspace_dir
 
 SMALL = {"model.backbone": "random_tiny", "data.image_size": 32, "data.val_size": 32, "data.num_train": 8,
          "data.num_val": 2, "data.batch_size": 4, "model.dim": 16, "loss.pool_size": 8, "train.epochs": 1,
@@ -25,16 +25,16 @@ def test_notebook_config_maps_the_parameters():
 
 
 def test_trained_once_then_reused_and_keyed_by_config(tmp_path, monkeypatch):
-    import hpkit.train
+    import hpkit.pipeline.train
 
     calls = []
-    real = hpkit.train.train
+    real = hpkit.pipeline.train.train
 
     def counting(cfg, out, **kwargs):
         calls.append((out, kwargs["resume"]))
         return real(cfg, out, **kwargs)
 
-    monkeypatch.setattr(hpkit.train, "train", counting)
+    monkeypatch.setattr(hpkit.pipeline.train, "train", counting)
     cfg = notebook_config(overrides=SMALL)
     run = trained_run(cfg, workspace=tmp_path)
     assert run.parent == tmp_path and run.name.startswith("synthetic-random_tiny-")
@@ -57,12 +57,12 @@ def test_new_weights_in_the_same_file_make_a_new_run(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import save_file
 
-    import hpkit.train
+    import hpkit.pipeline.train
     from hpkit import load_backbone
 
     calls = []
-    real = hpkit.train.train
-    monkeypatch.setattr(hpkit.train, "train", lambda cfg, out, **kw: calls.append(out) or real(cfg, out, **kw))
+    real = hpkit.pipeline.train.train
+    monkeypatch.setattr(hpkit.pipeline.train, "train", lambda cfg, out, **kw: calls.append(out) or real(cfg, out, **kw))
     state = {k: v.contiguous() for k, v in load_backbone("random_tiny").vit.state_dict().items()}
     path = tmp_path / "w.safetensors"
     save_file(state, str(path))

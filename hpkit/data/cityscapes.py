@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .transforms import PairDataset
+from hpkit.data.transforms import PairDataset
 
 __all__ = ["Cityscapes27", "CITYSCAPES_CLASS_NAMES", "CITYSCAPES_COLORS", "ID_TO_CLASS"]
 

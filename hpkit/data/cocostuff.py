@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .transforms import PairDataset, fix_hint, read_list
+from hpkit.data.transforms import PairDataset, fix_hint, read_list
 
 __all__ = ["CocoStuff27", "FINE_TO_COARSE", "COCO_CLASS_NAMES", "COCO_COLORS"]
 

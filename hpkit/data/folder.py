@@ -143,12 +143,16 @@ def read_classes(path: Path) -> tuple[tuple[str, ...], np.ndarray | None]:
     return tuple(names), (np.asarray(colors, dtype=np.uint8) if colors[0] is not None else None)
 
 
-def default_colors(n: int) -> np.ndarray:
-    """(n, 3) uint8 distinct colours (matplotlib's tab20, repeating) for label maps without a palette."""
-    import matplotlib
+#: matplotlib's "tab20" palette as uint8 RGB (written out so the data layer needs no plotting library)
+TAB20 = np.array([[31, 119, 180], [174, 199, 232], [255, 127, 14], [255, 187, 120], [44, 160, 44], [152, 223, 138],
+                  [214, 39, 40], [255, 152, 150], [148, 103, 189], [197, 176, 213], [140, 86, 75], [196, 156, 148],
+                  [227, 119, 194], [247, 182, 210], [127, 127, 127], [199, 199, 199], [188, 189, 34], [219, 219, 141],
+                  [23, 190, 207], [158, 218, 229]], dtype=np.uint8)
 
-    table = np.asarray(matplotlib.colormaps["tab20"].colors)[:, :3]
-    return (table[np.arange(n) % len(table)] * 255).astype(np.uint8)
+
+def default_colors(n: int) -> np.ndarray:
+    """(n, 3) uint8 distinct colours (tab20, repeating) for label maps without a palette."""
+    return TAB20[np.arange(n) % len(TAB20)]
 
 
 def _pair_labels(split: str, image_dir: Path, label_dir: Path, images: list[Path]) -> list[Path]:

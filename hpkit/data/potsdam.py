@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import fix_hint, image_to_tensor, label_to_tensor, lookup, read_list
+from hpkit.data.transforms import fix_hint, image_to_tensor, label_to_tensor, lookup, read_list
 
 __all__ = ["Potsdam3", "POTSDAM_CLASS_NAMES", "POTSDAM_COLORS", "POTSDAM_TO_3"]
 

@@ -30,10 +30,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cityscapes import Cityscapes27
-from .cocostuff import CocoStuff27
-from .potsdam import Potsdam3
-from .transforms import CROP_RATIO, count_crops, crop_dirs, fix_hint
+from hpkit.data.cityscapes import Cityscapes27
+from hpkit.data.cocostuff import CocoStuff27
+from hpkit.data.potsdam import Potsdam3
+from hpkit.data.transforms import CROP_RATIO, count_crops, crop_dirs, fix_hint
 
 __all__ = ["DatasetInfo", "DATASETS", "dataset_info", "five_crop", "crop_boxes", "check_layout", "download"]
 

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .folder import _resize_crop as resize_crop  # one resize rule for every loader
-from .folder import load_rgb
+from hpkit.data.folder import _resize_crop as resize_crop  # one resize rule for every loader
+from hpkit.data.folder import load_rgb
 
 __all__ = ["resize_crop", "image_to_tensor", "label_to_tensor", "lookup", "read_list", "PairDataset",
            "crop_dirs", "count_crops", "fix_hint", "stored_table", "CROP_RATIO"]

@@ -25,7 +25,7 @@ checkpoints and exports (planned on 100 %, a 1.5-minute budget took 1.8 minutes;
 The step counts are fixed once and written to ``OUT/recipe.json``: a resumed run reads them from
 there and never times again, so it is deterministic.
 
-**Schedules.** :class:`~hpkit.pretrain.PretrainConfig` gives its warm-up and cosine schedules in
+**Schedules.** :class:`~hpkit.backbones.pretrain.PretrainConfig` gives its warm-up and cosine schedules in
 epochs. On the card, stage 1 is 20 epochs and stage 2 is 8 epochs of the same length (31 steps: 1000
 images in batches of 32), each with 1 warm-up epoch. The recipe keeps that shape: an epoch is
 ``L = round(stage-1 steps / 20)`` steps, each stage gets ``ceil(steps / L)`` epochs (so its schedule
@@ -81,9 +81,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from .attention_alignment import AlignConfig, align_attention, align_file
-from .backbone import file_sha256, load_backbone
-from .pretrain import (CHECKPOINT, PretrainConfig, atomic_write, export_backbone, pretrain, pretraining_images,
+from hpkit.backbones.alignment import AlignConfig, align_attention, align_file
+from hpkit.backbones.vit import file_sha256, load_backbone
+from hpkit._util import atomic_write
+from hpkit.backbones.pretrain import (CHECKPOINT, PretrainConfig, export_backbone, pretrain, pretraining_images,
                        read_backbone_metadata, save_backbone_file)
 
 __all__ = ["Recipe", "Plan", "RECIPES", "split_budget", "make_plan", "stage_configs", "steps_for_minutes",

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from .local_positives import NEIGHBOUR_OFFSETS, neighbour_index, row_quantiles
-from .plots import colorize
+from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, neighbour_index, row_quantiles
+from hpkit.lessons.plots import colorize
 
 __all__ = ["attention_maps", "attention_row", "anchor_neighbourhood", "choose_anchors", "plot_attention_heads",
            "plot_row_threshold", "plot_local_positives", "plot_agreement", "plot_gradient_flow"]
@@ -55,7 +55,7 @@ def attention_maps(attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int])
 
 def attention_row(attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int], *, sigma: float | None = None,
                   style: str = "paper") -> Tensor:
-    """The anchor's scaled row ``sigma * p_i.`` as :func:`hpkit.local_positives.local_weights` computes it.
+    """The anchor's scaled row ``sigma * p_i.`` as :func:`hpkit.method.local_positives.local_weights` computes it.
 
     ``style="official"`` clamps the head-averaged logits to their row's 10 % / 90 % quantiles first.
     The Eq. 7 threshold is the row mean, ``sigma / P``.
@@ -238,7 +238,7 @@ def plot_local_positives(image, patch_labels, weights: dict[str, Tensor], anchor
 
 
 def plot_agreement(result: dict, *, title: str | None = None) -> Figure:
-    """Bar chart of :func:`hpkit.diagnostics.attention_agreement`: same-class rate above / below the mean."""
+    """Bar chart of :func:`hpkit.lessons.diagnostics.attention_agreement`: same-class rate above / below the mean."""
     rates = [100 * result["above"], 100 * result["below"]]
     pairs = [result["pairs_above"], result["pairs_below"]]
     fig, ax = plt.subplots(figsize=(4.5, 3.4), layout="constrained")
@@ -258,7 +258,7 @@ def plot_gradient_flow(image, maps: dict[str, Tensor], anchor: tuple[int, int], 
 
     Args:
         image: (H, W, 3) or (3, H, W) in [0, 1]; maps: ``{"panel title": (h, w) norms}`` (e.g. the
-            ``phi`` / ``total`` / ``psi`` maps of :class:`hpkit.gradient_flow.GradientFlow`).
+            ``phi`` / ``total`` / ``psi`` maps of :class:`hpkit.lessons.gradient_flow.GradientFlow`).
         anchor: ``(y, x)``; annotate: write the value in each nonzero cell when there are at most this many.
         zoom: show only the patches within this many cells of the anchor (``None``: the whole image).
 

@@ -1,12 +1,12 @@
 """The paper's ablations (Table 4, Table 5, Fig. 6) as named config overrides, run and summarised.
 
-- :data:`TABLE4` maps the rows (a)-(g) of Table 4 onto hpkit's switches in :class:`hpkit.config.LossConfig`
+- :data:`TABLE4` maps the rows (a)-(g) of Table 4 onto hpkit's switches in :class:`hpkit.pipeline.config.LossConfig`
   (``task_specific``, ``lhp``, ``symmetric``, ``regularizer``, ``plain_contrastive``); :data:`TABLE5`
   does the same for gradient vs loss propagation (``loss.propagation``). Each row carries the paper's
   COCO-Stuff numbers (DINO ViT-S/8 for Table 4, ViT-S/16 for Table 5) for side-by-side display.
 - :func:`table4_specs`, :func:`table5_specs` and :func:`sweep_specs` turn them into run specifications
   ``(name, overrides, seed)``; :func:`run_ablation` trains each one through
-  :func:`hpkit.workspace.trained_run` (cached on disk: a re-run only reads files) and evaluates it
+  :func:`hpkit.lessons.workspace.trained_run` (cached on disk: a re-run only reads files) and evaluates it
   once (also cached, ``ablation_eval.json`` in the run folder), returning one plain dict per run.
 - :func:`summarize` gives the mean and the spread over seeds per name; :func:`markdown_table`,
   :func:`plot_table4`, :func:`plot_sweep` and :func:`plot_costs` show them.
@@ -40,8 +40,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .config import Config, dumps, override, to_dict
-from .workspace import resolved_backbone, trained_run, workspace_dir
+from hpkit.pipeline.config import Config, dumps, override, to_dict
+from hpkit.lessons.workspace import resolved_backbone, trained_run, workspace_dir
 
 __all__ = ["AblationRow", "TABLE4", "TABLE5", "PAPER_COST_RATIO", "PAPER_CLAIMS", "METRICS", "table4_specs",
            "table5_specs", "sweep_specs", "size_overrides", "run_ablation", "summarize", "compare_claims",
@@ -132,9 +132,9 @@ def _evaluate(run: Path, max_images: int | None, device: str) -> dict:
         cached = json.loads(path.read_text())
         if cached.get("max_images") == max_images:
             return cached
-    from .checkpoint import load_run
-    from .data.build import build_dataset
-    from .evaluate import score
+    from hpkit.pipeline.checkpoint import load_run
+    from hpkit.pipeline.datasets import build_dataset
+    from hpkit.pipeline.evaluate import score
 
     trained = load_run(run, device)
     m = score(trained.backbone, trained.head, trained.cluster, trained.linear, build_dataset(trained.cfg, "val"),
@@ -188,13 +188,13 @@ def run_ablation(base: Config, specs: Iterable[Spec], *, max_steps: int | None =
     """Train (once, cached) and evaluate every ``(name, overrides, seed)`` on top of ``base``.
 
     Args:
-        base: the shared configuration (e.g. :func:`hpkit.workspace.notebook_config` plus size knobs).
+        base: the shared configuration (e.g. :func:`hpkit.lessons.workspace.notebook_config` plus size knobs).
         specs: ``(name, overrides, seed)``; the run is ``override(base, {**overrides, "train.seed": seed})``.
             Specs that resolve to the same configuration share one run (e.g. Table 4 (a) and Fig. 6's
             default value).
         max_steps: training steps per run (passed to :func:`trained_run`; part of its cache key).
         max_images: evaluate on the first images of the validation split (None: all).
-        workspace: the workspace folder (default :func:`hpkit.workspace.workspace_dir`).
+        workspace: the workspace folder (default :func:`hpkit.lessons.workspace.workspace_dir`).
         verbose: print one line per run; the backbone notice training prints is shown once.
 
     Returns:
@@ -337,8 +337,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]
 _COST_SCRIPT = r"""
 import json, os, resource, sys, tempfile, threading
 import torch
-from hpkit.config import from_dict
-from hpkit.train import train
+from hpkit.pipeline.config import from_dict
+from hpkit.pipeline.train import train
 
 job = json.loads(sys.stdin.read())
 cfg = from_dict(job["config"])
@@ -408,7 +408,7 @@ def step_cost(cfg: Config, *, steps: int = 8, workspace: str | Path | None = Non
     path = workspace_dir(workspace) / "costs" / f"{hashlib.sha256(text.encode()).hexdigest()[:10]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _COST_SCRIPT], input=json.dumps({"config": to_dict(cfg),
                           "steps": steps}), capture_output=True, text=True, timeout=timeout, env=env)

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .backbone import BACKBONES, FrozenViT, file_sha256, load_backbone
-from .pretrain import add_config_flags, config_from_flags, pretraining_images, read_backbone_metadata, save_backbone_file
+from hpkit.backbones.vit import BACKBONES, FrozenViT, file_sha256, load_backbone
+from hpkit.backbones.pretrain import add_config_flags, config_from_flags, pretraining_images, read_backbone_metadata, save_backbone_file
 
 __all__ = ["AlignConfig", "affinity_targets", "attention_alignment_loss", "align_attention", "align_file", "main"]
 
@@ -165,7 +165,7 @@ def align_file(source: str | Path, out: str | Path, cfg: AlignConfig | None = No
     return save_backbone_file(weights, out, meta)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.attention_alignment") -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.backbones.alignment") -> None:
     """``hpkit align-attention SOURCE.safetensors OUT.safetensors [--steps 100 ...]``."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a .safetensors backbone (hpkit pretrain --export)")

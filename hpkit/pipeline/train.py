@@ -54,18 +54,20 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .backbone import FrozenViT, file_sha256, load_backbone
-from .checkpoint import CHECKPOINT, atomic_write, load_checkpoint, prepare_run_folder, save_checkpoint
-from .config import Config, to_dict
-from .data.build import UNLABELLED_CLUSTERS, build_dataset
-from .data.folder import scan_folder
-from .evaluate import has_labels, score
-from .feature_cache import FeatureCache
-from .heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
-from .local_positives import local_weights, mix_neighbours
-from .objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
-from .pools import ReferencePools, collect_patch_bank
-from .probes import ClusterProbe, LinearProbe
+from hpkit._util import autocast, generator, resolve_device
+from hpkit.backbones.vit import FrozenViT, file_sha256, load_backbone
+from hpkit._util import atomic_write
+from hpkit.pipeline.checkpoint import CHECKPOINT, load_checkpoint, prepare_run_folder, save_checkpoint
+from hpkit.pipeline.config import Config, to_dict
+from hpkit.pipeline.datasets import UNLABELLED_CLUSTERS, build_dataset
+from hpkit.data.folder import scan_folder
+from hpkit.pipeline.evaluate import has_labels, score
+from hpkit.pipeline.feature_cache import FeatureCache
+from hpkit.method.heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
+from hpkit.method.local_positives import local_weights, mix_neighbours
+from hpkit.method.objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
+from hpkit.method.pools import ReferencePools, collect_patch_bank
+from hpkit.pipeline.probes import ClusterProbe, LinearProbe
 
 __all__ = ["train", "photometric", "HPHeads", "TrainingDiverged"]
 
@@ -171,10 +173,6 @@ def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_
     head.train(was_training)
 
 
-def _generator(*seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(seed) % (2**62))
-
-
 class _Indexed(Dataset):
     """``(index, image, label)``: the feature cache needs to know which image it is serving."""
 
@@ -192,35 +190,9 @@ class _Indexed(Dataset):
 def _epoch_indices(n: int, batch: int, epoch: int, seed: int, rank: int, world: int) -> Tensor:
     """(steps, batch // world): this rank's share of every (drop-last) batch of the epoch."""
     steps = n // batch
-    order = torch.randperm(n, generator=_generator(seed, epoch))[: steps * batch].view(steps, batch)
+    order = torch.randperm(n, generator=generator(seed, epoch))[: steps * batch].view(steps, batch)
     share = batch // world
     return order[:, rank * share:(rank + 1) * share]
-
-
-def _device(cfg: Config, local_rank: int) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-        return torch.device("cuda", local_rank) if want == "cuda" else torch.device(want)
-    return torch.device(want)
-
-
-def _autocast(cfg: Config, device: torch.device) -> tuple[contextlib.AbstractContextManager, bool]:
-    """The autocast context for backbone and heads, and whether fp16 needs a gradient scaler."""
-    amp = cfg.train.amp
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"train.amp must be auto, off, bf16 or fp16, got {amp!r}")
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "off":
-        return contextlib.nullcontext(), False
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs CUDA; use train.amp=bf16 or off on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype), amp == "fp16"
 
 
 def _check_sizes(cfg: Config, backbone: FrozenViT, n_train: int, world: int) -> None:
@@ -260,7 +232,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, force: bool
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -323,7 +295,7 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
         "cluster": torch.optim.Adam(model.cluster.parameters(), lr=o.cluster_lr),
         "linear": torch.optim.Adam(model.linear.parameters(), lr=o.linear_lr),
     }
-    autocast, fp16 = _autocast(cfg, device)
+    amp, fp16 = autocast(cfg.train.amp, device, "train.amp")
     scaler = torch.amp.GradScaler(device.type, init_scale=2048, growth_interval=1000, enabled=fp16)
     steps_per_epoch = len(data) // cfg.data.batch_size
     planned = steps_per_epoch * cfg.train.epochs  # the lambda schedule always spans the whole run
@@ -348,11 +320,11 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
         step, history, validation = state["step"], state["history"], state.get("validation", [])
         refitted = state.get("probe_refitted", False)
     else:
-        loader = DataLoader(data, batch_size=min(share, 64), shuffle=True, generator=_generator(cfg.train.seed, -1))
-        bank = collect_patch_bank(backbone, loader, loss_cfg.pool_size, generator=_generator(cfg.train.seed, -2),
+        loader = DataLoader(data, batch_size=min(share, 64), shuffle=True, generator=generator(cfg.train.seed, -1))
+        bank = collect_patch_bank(backbone, loader, loss_cfg.pool_size, generator=generator(cfg.train.seed, -2),
                                   device=device, progress=progress)
-        pools = ReferencePools(bank, loss_cfg.pool_size, generator=_generator(cfg.train.seed, -3))
-        pools.refresh_specific(ema, generator=_generator(cfg.train.seed, -4))
+        pools = ReferencePools(bank, loss_cfg.pool_size, generator=generator(cfg.train.seed, -3))
+        pools.refresh_specific(ema, generator=generator(cfg.train.seed, -4))
     if main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
@@ -378,7 +350,7 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
     mean, std = backbone.mean.flatten(), backbone.std.flatten()
 
     def clean_view(images: Tensor) -> dict[str, Tensor]:
-        with autocast:
+        with amp:
             feats, attn = backbone(images, attention=need_weights)
         out_ = {"feats": feats.float()}
         if need_weights:
@@ -414,12 +386,12 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
             epoch, skip = divmod(step, steps_per_epoch)
             indices = _epoch_indices(len(data), cfg.data.batch_size, epoch, cfg.train.seed, rank, world)
             loader = DataLoader(_Indexed(data), batch_size=share, sampler=indices[skip:].flatten().tolist(),
-                                num_workers=cfg.data.num_workers, generator=_generator(cfg.train.seed, epoch, 7))
+                                num_workers=cfg.data.num_workers, generator=generator(cfg.train.seed, epoch, 7))
             for idx, images, labels in loader:
                 if step >= total:
                     break
                 started = time.perf_counter()
-                gen = _generator(cfg.train.seed, 1_000_000 + step, rank)
+                gen = generator(cfg.train.seed, 1_000_000 + step, rank)
                 # The objective draws its random negatives where the features are: a CPU generator cannot
                 # draw on a GPU. On the CPU it is the same generator, after the augmentation's draw.
                 draws = gen if device.type == "cpu" else torch.Generator(device).manual_seed(gen.initial_seed())
@@ -429,7 +401,7 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
                 else:
                     clean = clean_view(images)
                 feats, weights = clean["feats"], clean.get("weights")
-                with autocast:
+                with amp:
                     f_aug = None
                     if need_aug:
                         official = loss_cfg.style == "official"
@@ -473,7 +445,7 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
                 ema.update(model.head)
                 step += 1
                 if step % loss_cfg.renew_interval == 0:
-                    pools.refresh_specific(ema, generator=_generator(cfg.train.seed, 2_000_000 + step))
+                    pools.refresh_specific(ema, generator=generator(cfg.train.seed, 2_000_000 + step))
                 history.append({"step": step, "loss": value.item(), "lambda": lam, "probe_loss": probe_loss.item(),
                                 "seconds": time.perf_counter() - started})
                 updating = False

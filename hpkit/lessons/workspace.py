@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .checkpoint import CHECKPOINT, atomic_write
-from .config import Config, dumps, get_config, override
+from hpkit._util import atomic_write
+from hpkit.pipeline.checkpoint import CHECKPOINT
+from hpkit.pipeline.config import Config, dumps, get_config, override
 
 __all__ = ["workspace_dir", "notebook_config", "photos_config", "resolved_backbone", "trained_run", "data_fingerprint"]
 
@@ -32,7 +33,7 @@ def workspace_dir(path: str | Path | None = None) -> Path:
     if path is None and os.environ.get("HPKIT_WORKSPACE"):
         path = os.environ["HPKIT_WORKSPACE"]
     if path is None:
-        repo = Path(__file__).resolve().parents[1]
+        repo = Path(__file__).resolve().parents[2]
         path = repo / "runs" / "notebooks" if os.access(repo, os.W_OK) else Path.home() / ".cache/hpkit/notebooks"
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def notebook_config(*, preset: str = "demo", backbone: str = "auto", dataset: st
     """The configuration of a notebook's parameters cell: a preset plus the usual knobs.
 
     ``dataset=None`` keeps the preset's dataset; ``overrides`` are ``"section.key=value"`` strings or
-    a mapping, applied last (see :func:`hpkit.config.override`).
+    a mapping, applied last (see :func:`hpkit.pipeline.config.override`).
     """
     changes: dict[str, object] = {"model.backbone": backbone, "train.device": device, "train.seed": seed}
     if dataset is not None:
@@ -61,7 +62,7 @@ def photos_config(root: str | Path, *, backbone: str = "auto", device: str = "cp
     """The demo preset on a folder of photos, sized for it: the reference pool and the batch at most
     the number of photos, and at least ``min_steps`` training steps (a handful of photos makes one
     step per epoch; the preset's 4 epochs would leave the head barely trained)."""
-    from .data.folder import scan_folder
+    from hpkit.data.folder import scan_folder
 
     n = len(scan_folder(root).splits["train"].images)
     batch = min(8, n)
@@ -73,7 +74,7 @@ def photos_config(root: str | Path, *, backbone: str = "auto", device: str = "cp
 
 def resolved_backbone(cfg: Config) -> str:
     """What ``cfg.model.backbone`` loads on this machine (a name, plus the weights file if one is given)."""
-    from .backbone import load_backbone
+    from hpkit.backbones.vit import load_backbone
 
     name = cfg.model.backbone
     if name == "auto" and cfg.model.weights is None:
@@ -88,7 +89,7 @@ def resolved_backbone(cfg: Config) -> str:
 def backbone_weights_sha256(cfg: Config) -> str | None:
     """The sha256 of the weights file ``cfg.model`` loads on this machine (None: random init or a hub
     download): new weights under the same name or path make a different run."""
-    from .backbone import file_sha256, weights_source
+    from hpkit.backbones.vit import file_sha256, weights_source
 
     source = weights_source(cfg.model.backbone, cfg.model.weights)
     return file_sha256(source) if source is not None and source.is_file() else None
@@ -99,7 +100,7 @@ def data_fingerprint(cfg: Config) -> str | None:
     run); None for datasets that a configuration fully determines."""
     if cfg.data.dataset != "folder" or cfg.data.root is None:
         return None
-    from .data.folder import scan_folder
+    from hpkit.data.folder import scan_folder
 
     return scan_folder(cfg.data.root).fingerprint()
 
@@ -119,7 +120,7 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
         finished run of the same configuration (and, for a folder, the same files), resumed when it
         holds an interrupted one.
     """
-    from .train import train
+    from hpkit.pipeline.train import train
 
     backbone = resolved_backbone(cfg)
     key_parts = {"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps,

@@ -34,7 +34,7 @@ at once (``dL/dx_ij = softmax_D(x_i)_j - [j in P_i]/|P_i|`` for the paper style)
 (N, D) buffers, so backward is a multiplication and the peak memory is O(chunk x N) in forward and
 backward. Log-sum-exp over masked logits replaces exp/log of masked products. The official style
 chunks by whole images (its pair average is per image), so its chunks hold at least P rows. The
-paper style first counts the anchors with a positive (:func:`hpkit.global_positives.has_positive`,
+paper style first counts the anchors with a positive (:func:`hpkit.method.global_positives.has_positive`,
 which stops at each anchor's first positive) so that each chunk can sum its ag and sp gradients before
 the matmuls. Per chunk of n anchors the work is n*N*(C + 7D) multiply-adds for the official style
 (selection C + D, logits 2D, gradients 4D), the same as autograd through the official slab loop:
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .global_positives import criterion, has_positive, positive_mask
-from .local_positives import neighbour_index
+from hpkit.method.global_positives import criterion, has_positive, positive_mask
+from hpkit.method.local_positives import neighbour_index
 
 __all__ = [
     "hp_objective",
@@ -170,7 +170,7 @@ def _check_inputs(z, f, s_ema, pool_ag, pool_sp, z_mix, negatives, neighbour_wei
         raise ValueError(f"style must be 'paper' or 'official', got {style!r}")
     if z.dim() != 2:
         raise ValueError(f"z must be (N, D) rows, got shape {tuple(z.shape)}; flatten (B, D, h, w) maps "
-                         "with hpkit.heads.to_rows")
+                         "with hpkit.method.heads.to_rows")
     n = z.shape[0]
     if patches_per_image <= 0 or n % patches_per_image:
         raise ValueError(f"N={n} rows is not a multiple of patches_per_image={patches_per_image}")

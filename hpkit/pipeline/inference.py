@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import TrainedRun, load_run
-from .crf import dense_crf
-from .data.folder import default_colors, load_rgb, resize_shorter
+from hpkit.pipeline.checkpoint import TrainedRun, load_run
+from hpkit.pipeline.crf import dense_crf
+from hpkit.data.folder import default_colors, load_rgb, resize_shorter
 
 __all__ = ["segment", "Segmentation", "MAX_PIXELS", "save_label_png"]
 
@@ -45,32 +45,6 @@ class Segmentation:
     named: str = "clusters"  # "clusters" (cluster k) or "classes" (matched by hpkit eval)
     note: str = ""  # how to read the names (e.g. that they are the synthetic demo's classes)
 
-    def figure(self, max_side: int = 1024):
-        """Photo | labels side by side with a legend of the ids present (share of the pixels).
-
-        Returns a matplotlib Figure (``fig.savefig(path)``); large photos are shown downscaled.
-        """
-        from .plots import plot_segmentation
-
-        scale = min(1.0, max_side / max(self.image.size))
-        size = (max(1, round(self.image.width * scale)), max(1, round(self.image.height * scale)))
-        photo = np.asarray(self.image.resize(size, Image.BILINEAR))
-        labels = np.asarray(Image.fromarray(self.labels.astype(np.int32)).resize(size, Image.NEAREST))
-        ids, counts = np.unique(self.labels, return_counts=True)
-        share = dict(zip(ids.tolist(), (counts / self.labels.size).tolist()))
-        present = [i for i in range(len(self.class_names)) if i in share]
-        names = [f"{self.class_names[i]} ({100 * share[i]:.0f}%)" for i in present]
-        colors = self.colors[present]
-        remap = np.full(len(self.class_names), -1)
-        remap[present] = np.arange(len(present))
-        shown = np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
-        if -1 in share:
-            names.append(f"unmatched ({100 * share[-1]:.0f}%)")
-            colors = np.concatenate([colors, np.zeros((1, 3), np.uint8)])
-        fig = plot_segmentation(photo, {self.named: shown}, names, colors)
-        if self.note:
-            fig.suptitle(self.note, fontsize=9)
-        return fig
 
 
 def save_label_png(labels: np.ndarray, path: str | Path) -> Path:
@@ -99,7 +73,7 @@ def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path | 
     Args:
         image: a path, a PIL image or an (H, W, 3) uint8 array (any size, any PIL mode).
         run_dir: folder written by ``hpkit train`` (or its ``checkpoint.pt``), or a run already
-            loaded with :func:`hpkit.checkpoint.load_run` (segmenting many photos loads it once).
+            loaded with :func:`hpkit.pipeline.checkpoint.load_run` (segmenting many photos loads it once).
         crf: refine with the dense CRF.
         flip: average the features of the image and its horizontal flip.
         size: the shorter side the backbone sees (default: the run's ``data.val_size``).

@@ -3,7 +3,7 @@
 Without LHP the anchor term ``Phi_i = L^cont(z_i, P_i, N_i)`` (Eq. 5-6) reads only ``s_i``, so on the
 anchor's side its gradient reaches the segmentation features of patch ``i`` alone. With LHP the extra
 term ``Psi_i = L^cont(z_mix_i, P_i, N_i)`` (Eq. 10) reads ``s_mix_i = sum_k w_ik s_k`` (Eq. 9, the
-weights of :func:`hpkit.local_positives.local_weights`, constants), so by the chain rule::
+weights of :func:`hpkit.method.local_positives.local_weights`, constants), so by the chain rule::
 
     dPsi_i / ds_k = w_ik * dPsi_i / ds_mix_i      ->      ||dPsi_i / ds_k|| = w_ik * ||dPsi_i / ds_mix_i||
 
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .global_positives import criterion, positive_mask
-from .heads import to_rows
-from .local_positives import NEIGHBOUR_OFFSETS, local_weights, mix_neighbours
-from .pools import sample_patches
+from hpkit.method.global_positives import criterion, positive_mask
+from hpkit.method.heads import to_rows
+from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, local_weights, mix_neighbours
+from hpkit.method.pools import sample_patches
 
 __all__ = ["anchor_contrastive_loss", "patch_gradient_norms", "GradientFlow", "anchor_gradient_flow"]
 
@@ -69,7 +69,7 @@ def patch_gradient_norms(
         s: (B, D, h, w) segmentation features; a detached copy is the leaf of the graph.
         anchor: ``(b, y, x)`` the anchor patch.
         loss_fn: maps the anchor's (1, D') vector to a scalar (e.g. :func:`anchor_contrastive_loss`).
-        weights: (B, 9, h, w) LHP weights (:func:`hpkit.local_positives.local_weights`); needed for
+        weights: (B, 9, h, w) LHP weights (:func:`hpkit.method.local_positives.local_weights`); needed for
             ``views="mix"`` and ``"both"``.
         proj: optional map (1, D) -> (1, D') applied to the anchor vector first (the projection head Z).
         views: ``"clean"``: L = loss_fn(Z(s_i)) (Phi, no LHP); ``"mix"``: L = loss_fn(Z(s_mix_i)) (Psi);
@@ -155,7 +155,7 @@ def anchor_gradient_flow(
         tau, rho: temperature and random-negative rate of the configuration.
         pool: (M, C) L2-normalised task-agnostic pool ``Q^ag``; ``None``: one random patch per image
             of ``feats`` (how ``Q^ag`` is built, here from the batch itself).
-        sigma, style: LHP scale and style (:func:`hpkit.local_positives.local_weights`).
+        sigma, style: LHP scale and style (:func:`hpkit.method.local_positives.local_weights`).
         generator: random generator for the pool and the negatives (reproducible with a seed).
 
     Returns:

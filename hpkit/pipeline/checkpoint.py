@@ -1,45 +1,32 @@
 """Run folders: atomic checkpoint writes, and rebuilding a trained run for evaluation and inference.
 
-A run folder written by :func:`hpkit.train.train` holds ``checkpoint.pt`` (head, EMA head, projection
+A run folder written by :func:`hpkit.pipeline.train.train` holds ``checkpoint.pt`` (head, EMA head, projection
 head, probes, optimiser states, pools, RNG state, config, step, history), ``config.json`` (the resolved
 configuration) and ``history.json`` (losses per step, validation metrics).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .backbone import FrozenViT, load_backbone
-from .config import Config, from_dict
-from .heads import SegmentationHead
-from .probes import ClusterProbe, LinearProbe
+from hpkit._util import atomic_write
+from hpkit.backbones.vit import FrozenViT, load_backbone
+from hpkit.pipeline.config import Config, from_dict
+from hpkit.method.heads import SegmentationHead
+from hpkit.pipeline.probes import ClusterProbe, LinearProbe
 
 __all__ = ["CHECKPOINT", "RUN_FILES", "DERIVED_FILES", "save_checkpoint", "load_checkpoint", "load_run", "TrainedRun",
-           "run_folder", "prepare_run_folder", "atomic_write"]
+           "run_folder", "prepare_run_folder"]
 
 CHECKPOINT = "checkpoint.pt"
 #: what a training run writes; a folder holding one of them holds a run
 RUN_FILES = (CHECKPOINT, "config.json", "history.json")
 #: what eval writes from a run's state (deleted when the run changes)
 DERIVED_FILES = ("eval.json", "history.png", "confusion_cluster.png", "confusion_linear.png", "clusters.png")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp)`` on a temporary file in the same folder, then ``os.replace``
-    it into place: a crash mid-write never leaves half a file or replaces the old one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -74,7 +61,7 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     """The checkpoint dict of a run folder (or of its ``checkpoint.pt``; clear error when there is none)."""
     path = run_folder(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first (`hpkit train` or hpkit.train.train)")
+        raise FileNotFoundError(f"no checkpoint at {path}: train first (`hpkit train` or hpkit.pipeline.train.train)")
     return torch.load(path, map_location=device, weights_only=False)
 
 
@@ -92,7 +79,7 @@ class TrainedRun:
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Rebuild the backbone, head and probes of a run written by :func:`hpkit.train.train`."""
+    """Rebuild the backbone, head and probes of a run written by :func:`hpkit.pipeline.train.train`."""
     state = load_checkpoint(run_dir, device)
     cfg = from_dict(state["config"])
     backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)

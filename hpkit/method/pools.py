@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .heads import MomentumHead
+from hpkit.method.heads import MomentumHead
 
 __all__ = ["sample_patches", "collect_patch_bank", "ReferencePools"]
 

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .backbone import FrozenViT
-from .heads import to_rows
-from .local_positives import neighbour_index
-from .metrics import confusion_matrix, segmentation_metrics
-from .probes import KMEANS_RESTARTS, ClusterProbe
+from hpkit.backbones.vit import FrozenViT
+from hpkit.method.heads import to_rows
+from hpkit.method.local_positives import neighbour_index
+from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
+from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe
 
 __all__ = ["extract", "patch_labels", "linear_probe_miou", "kmeans_miou", "attention_agreement", "ghp_precision"]
 
@@ -138,9 +138,9 @@ def ghp_precision(pool_feats: Tensor, val_feats: Tensor, labels: Tensor, *, seed
         labels: (N, h, w) patch labels of the anchors (:func:`patch_labels`), -1 = ignore.
 
     Returns:
-        the precision in [0, 1] (:func:`hpkit.explorer.positives_vs_pool_size` with the whole pool).
+        the precision in [0, 1] (:func:`hpkit.lessons.explorer.positives_vs_pool_size` with the whole pool).
     """
-    from .explorer import positives_vs_pool_size  # the explorer draws figures; import it only here
+    from hpkit.lessons.explorer import positives_vs_pool_size  # the explorer draws figures; import it only here
 
     g = torch.Generator().manual_seed(seed)
     tokens = pool_feats.flatten(2).transpose(1, 2)  # (M, hw, C)

@@ -14,7 +14,7 @@ temperature, which prevents the uniform distribution). The teacher's backbone is
 ``.safetensors`` (timm keys, no DINO head) plus ``path.json`` metadata, loadable with
 ``hpkit.load_backbone("random_tiny", weights=path)``. Command line::
 
-    python -m hpkit.pretrain runs/dino --export weights/hpkit_dino_tiny.safetensors   # --resume to continue
+    python -m hpkit.backbones.pretrain runs/dino --export weights/hpkit_dino_tiny.safetensors   # --resume to continue
 
 Where hpkit differs from the official DINO code (all configurable, see :class:`PretrainConfig`):
 
@@ -99,14 +99,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .backbone import BACKBONES, file_sha256
-from .checkpoint import atomic_write
+from hpkit.backbones.vit import BACKBONES, file_sha256
+from hpkit._util import atomic_write, deferred_sigint, sequence_generator
 
 __all__ = ["PretrainConfig", "DINOHead", "DINONet", "MultiCrop", "PretrainingDiverged", "build_vit", "dino_loss",
            "correspondence", "dense_dino_loss", "neighbour_points", "vicreg_terms", "dense_vicreg_loss", "expander",
            "similarity_keep_loss", "load_init_weights", "region_masks", "region_ids", "region_contrast_loss",
            "update_center", "ema_update", "cosine_schedule", "teacher_temperature", "pretrain", "trains_teacher",
-           "export_backbone", "save_backbone_file", "read_backbone_metadata", "atomic_write", "pretraining_images",
+           "export_backbone", "save_backbone_file", "read_backbone_metadata", "pretraining_images",
            "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -786,8 +786,7 @@ def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _generator(*keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*keys))
+_generator = sequence_generator
 
 
 def _device(name: str) -> torch.device:
@@ -804,10 +803,10 @@ def pretraining_images(dataset: str, root: str | None, num_images: int | None, i
     """The images of a ``dataset="synthetic"`` (train scenes) or ``"folder"`` (``root``) run, as
     ``(image (3, S, S) in [0, 1], label)`` pairs whose labels are never used."""
     if dataset == "synthetic":
-        from .data.synthetic import SyntheticScenes
+        from hpkit.data.synthetic import SyntheticScenes
 
         return SyntheticScenes("train", num_images=num_images or 1000, image_size=image_size, seed=data_seed)
-    from .data.folder import ImageFolder
+    from hpkit.data.folder import ImageFolder
 
     data = ImageFolder(root, image_size=image_size)
     if num_images is not None and num_images < len(data):
@@ -824,28 +823,8 @@ def _config_dict(cfg: PretrainConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-@contextlib.contextmanager
-def _deferred_sigint() -> Iterator[dict]:
-    """While active, a first Ctrl-C only sets ``flag["stop"]`` (the step in flight finishes); a second
-    Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread nothing is changed."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):  # noqa: ANN001 - signal handler signature
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        print("\nhpkit.pretrain: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
-              file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _deferred_sigint():
+    return deferred_sigint("hpkit.pretrain")
 
 
 # ---------------------------------------------------------------------------------- training
@@ -1154,7 +1133,7 @@ def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float
     source, path = Path(source), Path(path)
     ckpt = source / CHECKPOINT if source.is_dir() else source
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no pretraining checkpoint at {ckpt}: run hpkit.pretrain.pretrain first")
+        raise FileNotFoundError(f"no pretraining checkpoint at {ckpt}: run hpkit.backbones.pretrain.pretrain first")
     if path.suffix != ".safetensors":
         raise ValueError(f"export path must end in .safetensors, got {path}")
     if dtype not in ("float32", "float16"):
@@ -1247,13 +1226,13 @@ def config_from_flags(args: argparse.Namespace, cls: type):
     return cls(**overrides)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.pretrain") -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.backbones.pretrain") -> None:
     """``hpkit pretrain OUT_DIR [--FIELD VALUE ...] [--resume] [--max-steps N] [--export FILE]``.
 
     With ``--recipe NAME`` among the arguments, a whole named recipe runs instead (:mod:`hpkit.recipe`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg == "--recipe" or arg.startswith("--recipe=") for arg in argv):
-        from .recipe import main as recipe_main
+        from hpkit.backbones.recipe import main as recipe_main
 
         return recipe_main(argv, prog=prog)
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])

@@ -26,14 +26,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .backbone import FrozenViT
-from .checkpoint import atomic_write, load_run, run_folder
-from .crf import MISSING_MESSAGE as CRF_MISSING
-from .crf import crf_available, crf_batch
-from .data.build import build_dataset
-from .heads import SegmentationHead, to_rows
-from .metrics import confusion_matrix, segmentation_metrics
-from .probes import KMEANS_RESTARTS, ClusterProbe, LinearProbe
+from hpkit.backbones.vit import FrozenViT
+from hpkit._util import atomic_write
+from hpkit.pipeline.checkpoint import load_run, run_folder
+from hpkit.pipeline.crf import MISSING_MESSAGE as CRF_MISSING
+from hpkit.pipeline.crf import crf_available, crf_batch
+from hpkit.pipeline.datasets import build_dataset
+from hpkit.method.heads import SegmentationHead, to_rows
+from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
+from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe, LinearProbe
 
 #: the k-means baseline is fitted on at most this many patch rows (a seeded random subset)
 KMEANS_MAX_ROWS = 100_000
@@ -177,7 +178,7 @@ def evaluate(run_dir: str | Path, *, crf: bool = False, max_images: int | None =
     """Metrics of a training run on its validation split, also written to ``run_dir/eval.json``.
 
     Args:
-        run_dir: folder written by :func:`hpkit.train.train` (or its ``checkpoint.pt``).
+        run_dir: folder written by :func:`hpkit.pipeline.train.train` (or its ``checkpoint.pt``).
         crf: also report CRF-refined predictions.
         max_images: evaluate only the first images (quick looks).
         progress: show progress bars (images, k-means restarts).

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from ..config import Config
-from .folder import ImageFolder, FolderLayout, scan_folder
-from .synthetic import SyntheticScenes
+from hpkit.pipeline.config import Config
+from hpkit.data.folder import ImageFolder, FolderLayout, scan_folder
+from hpkit.data.synthetic import SyntheticScenes
 
 __all__ = ["build_dataset", "DATASET_NAMES", "crops", "UNLABELLED_CLUSTERS"]
 
@@ -33,7 +33,7 @@ def crops(cfg: Config) -> tuple[str, str]:
 
 
 def _patch_size(cfg: Config) -> int:
-    from ..backbone import BACKBONES  # "auto" and unknown names: patch 8 (DINO ViT-S/8 or hp-tiny)
+    from hpkit.backbones.vit import BACKBONES  # "auto" and unknown names: patch 8 (DINO ViT-S/8 or hp-tiny)
 
     spec = BACKBONES.get(cfg.model.backbone)
     return spec.patch_size if spec is not None else 8
@@ -63,13 +63,13 @@ def build_dataset(cfg: Config, split: str = "train", *, layout: FolderLayout | N
                            multiple=_patch_size(cfg), seed=cfg.train.seed,
                            layout=layout if layout is not None else scan_folder(d.root))
     if d.dataset == "cocostuff27":
-        from .cocostuff import CocoStuff27
+        from hpkit.data.cocostuff import CocoStuff27
 
         return CocoStuff27(d.root, split, image_size=size)
     if d.dataset == "cityscapes27":
-        from .cityscapes import Cityscapes27
+        from hpkit.data.cityscapes import Cityscapes27
 
         return Cityscapes27(d.root, split, image_size=size)
-    from .potsdam import Potsdam3
+    from hpkit.data.potsdam import Potsdam3
 
     return Potsdam3(d.root, split, image_size=size)

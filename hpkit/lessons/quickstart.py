@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from .backbone import load_backbone
-from .global_positives import global_hidden_positives
-from .heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
-from .local_positives import local_weights, mix_neighbours
-from .objective import hp_objective
-from .pools import ReferencePools, sample_patches
+from hpkit.backbones.vit import load_backbone
+from hpkit.method.global_positives import global_hidden_positives
+from hpkit.method.heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
+from hpkit.method.local_positives import local_weights, mix_neighbours
+from hpkit.method.objective import hp_objective
+from hpkit.method.pools import ReferencePools, sample_patches
 
 
 def run_quickstart(*, batch: int = 4, image_size: int = 64, dim: int = 64, pool_size: int = 32,

@@ -3,7 +3,7 @@
 - :func:`example_segmentations`: label maps of a few validation images for the k-means baseline on
   the frozen backbone ("before"), the trained cluster probe ("after") and, optionally, the cluster
   probe refined by the dense CRF, each named by a Hungarian matching fitted on the first validation
-  images (as :func:`hpkit.evaluate.evaluate` does).
+  images (as :func:`hpkit.pipeline.evaluate.evaluate` does).
 - :func:`metrics_table`: accuracy / mIoU of several evaluations (the dicts ``evaluate`` returns) as rows.
 - :func:`plot_runs`: the training curves of several runs on shared axes (loss, lambda, validation mIoU).
 """
@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Subset
 
-from .checkpoint import load_run
-from .crf import crf_available, crf_batch
-from .data.build import build_dataset
-from .heads import to_rows
-from .metrics import confusion_matrix, segmentation_metrics
-from .probes import KMEANS_RESTARTS, ClusterProbe
+from hpkit.pipeline.checkpoint import load_run
+from hpkit.pipeline.crf import crf_available, crf_batch
+from hpkit.pipeline.datasets import build_dataset
+from hpkit.method.heads import to_rows
+from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
+from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe
 
 __all__ = ["Examples", "example_segmentations", "metrics_table", "format_table", "plot_runs",
            "KMEANS", "HP", "HP_CRF"]
@@ -50,7 +50,7 @@ class Examples:
     fit_images: int = 0
 
     def panels(self, i: int, methods: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """``{"ground truth": ..., method: ...}`` for the i-th example (for :func:`hpkit.plots.plot_segmentation`)."""
+        """``{"ground truth": ..., method: ...}`` for the i-th example (for :func:`hpkit.lessons.plots.plot_segmentation`)."""
         chosen = list(self.predictions) if methods is None else list(methods)
         return {"ground truth": self.labels[i], **{m: self.predictions[m][i] for m in chosen}}
 
@@ -60,7 +60,7 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
                           crf: bool = False, batch_size: int = 8, device: str = "cpu") -> Examples:
     """Before (k-means on the frozen backbone) and after (trained cluster probe) label maps.
 
-    Both methods are scored exactly as in :func:`hpkit.evaluate.score`: features of the first
+    Both methods are scored exactly as in :func:`hpkit.pipeline.evaluate.score`: features of the first
     ``fit_images`` validation images (bilinear upsampling to the label size), k-means with k = number
     of classes on the backbone's patch features (seed = the run's seed), one confusion matrix per method,
     Hungarian matching. The example images are then labelled with these fitted centroids and matchings.
@@ -125,7 +125,7 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
             predictions[HP_CRF] = _named(crf_batch(images, 2.0 * scores, workers=1), mapping[HP])
     colors = getattr(data, "colors", None)
     if colors is None:
-        from .plots import default_colors
+        from hpkit.lessons.plots import default_colors
 
         colors = default_colors(k)
     return Examples(

@@ -2,7 +2,7 @@
 
 Every function returns a matplotlib ``Figure`` (shown inline in notebooks; ``fig.savefig(path)``
 elsewhere). Inputs are the plain dicts hpkit writes: ``history.json`` of a run, the result of
-:func:`hpkit.evaluate.evaluate` (``eval.json``).
+:func:`hpkit.pipeline.evaluate.evaluate` (``eval.json``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from PIL import Image
 
-from .data.folder import default_colors  # noqa: F401 - part of this module's API
+from hpkit.data.folder import default_colors  # noqa: F401 - part of this module's API
+from hpkit.pipeline.inference import Segmentation
 
 __all__ = ["plot_history", "plot_confusion", "colorize", "legend_handles", "plot_segmentation", "default_colors",
-           "plot_cluster_gallery"]
+           "plot_cluster_gallery",
+           "plot_photo_segmentation", "headless"]
 
 
 def _history(history: dict | str | Path) -> dict:
@@ -65,7 +68,7 @@ def plot_confusion(confusion, class_names: list[str], *, title: str = "Confusion
     """A (matched) confusion matrix, rows = prediction, columns = ground truth.
 
     Args:
-        confusion: (K, K) counts (``result["cluster"]["confusion"]`` from :func:`hpkit.evaluate.evaluate`).
+        confusion: (K, K) counts (``result["cluster"]["confusion"]`` from :func:`hpkit.pipeline.evaluate.evaluate`).
         normalize: show each ground-truth column as fractions (recall per class).
     """
     m = np.asarray(confusion, dtype=np.float64)
@@ -135,9 +138,9 @@ def plot_segmentation(image, panels: dict[str, np.ndarray], class_names: list[st
 def plot_cluster_gallery(run_dir: str | Path, *, images: int = 4) -> Figure:
     """The first validation photos of a run next to their clusters (``hpkit eval --plots`` on data
     without labels): one row per photo, photo | clusters, one legend for the K clusters."""
-    from .checkpoint import load_run
-    from .data.build import build_dataset
-    from .segment import segment
+    from hpkit.pipeline.checkpoint import load_run
+    from hpkit.pipeline.datasets import build_dataset
+    from hpkit.pipeline.inference import segment
 
     run = load_run(run_dir)
     paths = list(getattr(build_dataset(run.cfg, "val"), "files", []))[:images]
@@ -155,3 +158,37 @@ def plot_cluster_gallery(run_dir: str | Path, *, images: int = 4) -> Figure:
     fig.legend(handles=legend_handles(results[0].class_names, results[0].colors), loc="outside right center",
                fontsize=8)
     return fig
+
+
+def plot_photo_segmentation(seg: Segmentation, max_side: int = 1024) -> Figure:
+    """A :class:`~hpkit.pipeline.inference.Segmentation` as photo | labels side by side, with a legend of
+    the ids present (share of the pixels).
+
+    Returns a matplotlib Figure (``fig.savefig(path)``); large photos are shown downscaled.
+    """
+    scale = min(1.0, max_side / max(seg.image.size))
+    size = (max(1, round(seg.image.width * scale)), max(1, round(seg.image.height * scale)))
+    photo = np.asarray(seg.image.resize(size, Image.BILINEAR))
+    labels = np.asarray(Image.fromarray(seg.labels.astype(np.int32)).resize(size, Image.NEAREST))
+    ids, counts = np.unique(seg.labels, return_counts=True)
+    share = dict(zip(ids.tolist(), (counts / seg.labels.size).tolist()))
+    present = [i for i in range(len(seg.class_names)) if i in share]
+    names = [f"{seg.class_names[i]} ({100 * share[i]:.0f}%)" for i in present]
+    colors = seg.colors[present]
+    remap = np.full(len(seg.class_names), -1)
+    remap[present] = np.arange(len(present))
+    shown = np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
+    if -1 in share:
+        names.append(f"unmatched ({100 * share[-1]:.0f}%)")
+        colors = np.concatenate([colors, np.zeros((1, 3), np.uint8)])
+    fig = plot_segmentation(photo, {seg.named: shown}, names, colors)
+    if seg.note:
+        fig.suptitle(seg.note, fontsize=9)
+    return fig
+
+
+def headless() -> None:
+    """Draw figures to files only (matplotlib's Agg backend): for the CLI and scripts without a screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")

@@ -74,7 +74,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 #: the bundled weights of ``hp-tiny`` (see data/README.md for the model card and how to reproduce them)
-BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "hp_tiny.safetensors"
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[2] / "data" / "hp_tiny.safetensors"
 
 
 class BackboneWeightsError(FileNotFoundError):

@@ -12,7 +12,7 @@ Used by notebooks 01 (the reference pool) and 02 (global hidden positives). Thre
   (static figure ``figure()`` in the style of the paper's Fig. 5, and an ipywidgets ``widget()``).
 
 Rows are image-major as everywhere in hpkit: row ``b * P + y * w + x`` is patch ``(y, x)`` of image
-``b``. Patch labels are the label at each patch's centre pixel (:func:`hpkit.diagnostics.patch_labels`);
+``b``. Patch labels are the label at each patch's centre pixel (:func:`hpkit.lessons.diagnostics.patch_labels`);
 ``-1`` means ignored. ipywidgets is imported only inside :meth:`GHPExplorer.widget`.
 """
 
@@ -30,11 +30,11 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .diagnostics import patch_labels
-from .global_positives import criterion, positive_mask
-from .heads import MomentumHead, SegmentationHead, to_rows
-from .plots import colorize, default_colors
-from .pools import sample_patches
+from hpkit.lessons.diagnostics import patch_labels
+from hpkit.method.global_positives import criterion, positive_mask
+from hpkit.method.heads import MomentumHead, SegmentationHead, to_rows
+from hpkit.lessons.plots import colorize, default_colors
+from hpkit.method.pools import sample_patches
 
 __all__ = ["positive_precision", "positive_stats", "positives_vs_pool_size", "label_base_rate",
            "symmetric_only_pairs", "find_symmetric_pair", "locate_patches", "PatchPool", "batch_features",
@@ -279,8 +279,8 @@ def sample_pool(backbone, data: Dataset, size: int, *, generator: torch.Generato
                 context: int = 8, batch_size: int = 16) -> PatchPool:
     """``Q^ag`` from the first ``size`` images of ``data``: one random patch per image (section 3.2).
 
-    The draw is :func:`hpkit.pools.sample_patches`, batch by batch as in
-    :func:`hpkit.pools.collect_patch_bank`; the patch positions are recovered with
+    The draw is :func:`hpkit.method.pools.sample_patches`, batch by batch as in
+    :func:`hpkit.method.pools.collect_patch_bank`; the patch positions are recovered with
     :func:`locate_patches` so that the pool can be shown as image crops.
     """
     if size > len(data):
@@ -314,7 +314,7 @@ def momentum_head_from_run(state: dict, in_dim: int, dim: int | None = None) -> 
     """
     if "ema" not in state:
         raise KeyError("the checkpoint has no 'ema' entry: pass load_run(run_dir).state of a run written by "
-                       "hpkit.train.train")
+                       "hpkit.pipeline.train.train")
     weight = state["ema"]["module.linear.weight"]
     dim = dim or weight.shape[0]
     if weight.shape[1] != in_dim:
