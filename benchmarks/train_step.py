@@ -71,25 +71,6 @@ STEPS_PER_EPOCH = 2
 CRF_CLASSES = 27
 
 
-class _StepHook:
-    """Stands in for ``tqdm`` inside :mod:`hpkit.train`: ``update`` is called after every finished step."""
-
-    on_step = staticmethod(lambda step: None)
-
-    def __init__(self, *args, initial: int = 0, **kwargs):
-        self.n = initial
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.on_step(self.n)
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _train_config(case: str, batch: int, steps: int, device: str, tmp: Path):
     from hpkit.pipeline.config import get_config
 
@@ -113,13 +94,14 @@ def _train_config(case: str, batch: int, steps: int, device: str, tmp: Path):
 def _run_train_case(case: str, batch: int, steps: int, device: str) -> dict:
     import torch
 
-    import hpkit.pipeline.train as train_module
+    from hpkit.pipeline.train import train
     from objective import _peak_rss_gb, _reset_peak_rss, _rss_gb
 
     cuda = device.startswith("cuda")
     window = {}
 
-    def on_step(step: int) -> None:  # window = the steps of epochs >= 2
+    def on_step(record: dict) -> None:  # window = the steps of epochs >= 2
+        step = record["step"]
         if step == STEPS_PER_EPOCH:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -130,15 +112,14 @@ def _run_train_case(case: str, batch: int, steps: int, device: str) -> dict:
         elif step == steps and "start" in window:
             window["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else _peak_rss_gb()
 
-    _StepHook.on_step = staticmethod(on_step)
-    train_module.tqdm = _StepHook
     with tempfile.TemporaryDirectory(prefix="hpkit_bench_") as tmp:
         cfg = _train_config(case, batch, steps, device, Path(tmp))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
             _reset_peak_rss()
-        result = train_module.train(cfg, Path(tmp) / "run", max_steps=steps, progress=False)
+        result = train(cfg, Path(tmp) / "run", max_steps=steps, progress=False,
+                                    on_step=on_step)
         if "peak_gb" in window:
             peak, scope = window["peak_gb"], "timed steps"
         else:

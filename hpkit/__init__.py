@@ -1,32 +1,69 @@
 """hpkit: learn, reproduce and extend "Leveraging Hidden Positives for Unsupervised Semantic
 Segmentation" (Seong et al., CVPR 2023).
 
-Data flow (rows are image-major everywhere, row = b * P + y * w + x, P = h * w)::
+The package in layers, each importing only from those below it::
+
+    hpkit/lessons/    figures, the GHP explorer, comparisons, ablations, the notebooks' workspace
+    hpkit/pipeline/   config, datasets, hp_step (one training step), train, evaluate, segment, probes
+    hpkit/backbones/  frozen ViTs, weight files, attention alignment, backbone pretraining
+    hpkit/data/       synthetic scenes, your photos, COCO-Stuff, Cityscapes, Potsdam
+    hpkit/method/     the paper on plain tensors (heads, pools, positives, the objective; reference.py)
+    hpkit/_util.py    seeded generators, device, autocast, atomic writes
+
+Data flow of one step (rows are image-major everywhere, row = b * P + y * w + x, P = h * w)::
 
     images (B,3,H,W) in [0,1] --load_backbone--> feats (B,C,h,w), attn_logits (B,heads,P,P)
     feats --SegmentationHead--> s (B,D,h,w) --ProjectionHead--> z (N,D)
     feats --MomentumHead--> s' ; ReferencePools -> Q^ag (M,C), Q^sp (M,D)
     s, attn_logits --local_mix--> s_mix --ProjectionHead--> z_mix
     hp_objective(z, f, s', Q^ag, Q^sp, z_mix=z_mix) -> scalar loss
+
+The names below are loaded on first use, so ``import hpkit`` (and the CLI's ``--help``) stays quick.
 """
 
-from hpkit.backbones.vit import BACKBONES, BackboneWeightsError, FrozenViT, load_backbone
-from hpkit.method.global_positives import criterion, global_hidden_positives, positive_mask
-from hpkit.method.heads import MomentumHead, ProjectionHead, SegmentationHead, from_rows, to_rows
-from hpkit.method.local_positives import local_mix, local_weights, mix_neighbours
-from hpkit.method.objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
-from hpkit.method.pools import ReferencePools, collect_patch_bank, sample_patches
-from hpkit.pipeline.config import Config, get_config, override
-from hpkit.pipeline.inference import segment  # the function ``hpkit.segment(image, run_dir)``; its module stays importable
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BACKBONES", "BackboneWeightsError", "FrozenViT", "load_backbone",
-    "criterion", "global_hidden_positives", "positive_mask",
-    "MomentumHead", "ProjectionHead", "SegmentationHead", "from_rows", "to_rows",
-    "local_mix", "local_weights", "mix_neighbours",
-    "consistency_regularizer", "hp_objective", "lambda_schedule", "self_contrastive_loss",
-    "ReferencePools", "collect_patch_bank", "sample_patches",
-    "Config", "get_config", "override", "segment",
-]
+#: public name -> the module that defines it
+_API = {
+    # the method (hpkit.method): the paper on plain tensors
+    "criterion": "method.global_positives", "global_hidden_positives": "method.global_positives",
+    "positive_mask": "method.global_positives",
+    "MomentumHead": "method.heads", "ProjectionHead": "method.heads", "SegmentationHead": "method.heads",
+    "from_rows": "method.heads", "to_rows": "method.heads",
+    "local_mix": "method.local_positives", "local_weights": "method.local_positives",
+    "mix_neighbours": "method.local_positives",
+    "consistency_regularizer": "method.objective", "hp_objective": "method.objective",
+    "lambda_schedule": "method.objective", "self_contrastive_loss": "method.objective",
+    "ReferencePools": "method.pools", "collect_patch_bank": "method.pools", "sample_patches": "method.pools",
+    # backbones
+    "BACKBONES": "backbones.vit", "BackboneWeightsError": "backbones.vit", "FrozenViT": "backbones.vit",
+    "load_backbone": "backbones.vit",
+    # data
+    "SyntheticScenes": "data.synthetic", "ImageFolder": "data.folder", "scan_folder": "data.folder",
+    "write_scene_folder": "data.synthetic", "write_sample_photos": "data.samples",
+    # the pipeline
+    "Config": "pipeline.config", "get_config": "pipeline.config", "override": "pipeline.config",
+    "build_dataset": "pipeline.datasets",
+    "hp_step": "pipeline.step", "TrainingDiverged": "pipeline.step",
+    "train": "pipeline.train", "load_run": "pipeline.checkpoint", "TrainedRun": "pipeline.checkpoint",
+    "evaluate": "pipeline.evaluate", "segment": "pipeline.inference", "Segmentation": "pipeline.inference",
+    "crf_available": "pipeline.crf",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f"hpkit.{_API[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'hpkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -84,3 +84,19 @@ def test_checker_sees_an_upward_import(tmp_path):
         assert _layer("hpkit.method._layer_probe_tmp")[1] < _layer("hpkit.pipeline.config")[1]
     finally:
         bad.unlink()
+
+
+def test_notebooks_import_only_the_public_api():
+    """Lessons use ``hpkit`` and ``hpkit.lessons``: no ``hpkit.pipeline.x`` or ``hpkit.method.x`` in a cell."""
+    import json
+    import re
+
+    deep = re.compile(r"\bhpkit\.(?!lessons\b)\w+\.|\bfrom hpkit\.(?!lessons\b)\w+|\bhpkit\.lessons\.\w+\.")
+    found = []
+    for path in sorted((PACKAGE.parent / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                found += [f"{path.name}: {line.strip()}" for line in "".join(cell["source"]).splitlines()
+                          if deep.search(line)]
+    assert found == [], "notebooks reaching into hpkit's internals:\n" + "\n".join(found)
+    assert deep.search("from hpkit.pipeline.train import train") and not deep.search("from hpkit.lessons import x")

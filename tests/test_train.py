@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import hpkit.pipeline.train
+import hpkit.pipeline.step
 from hpkit.pipeline.config import get_config
 from hpkit.pipeline.evaluate import evaluate
 from hpkit.pipeline.feature_cache import FeatureCache
@@ -117,18 +117,18 @@ def test_validation_history_matches_evaluation(tmp_path):
 def test_interrupt_keeps_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     cfg = get_config("demo", TINY)
     full = train(cfg, tmp_path / "full", max_steps=6, progress=False)
-    real = hpkit.pipeline.train.lambda_schedule
+    real = hpkit.pipeline.step.lambda_schedule
 
     def interrupt_at_4(step, *args, **kwargs):
         if step == 4:
             raise KeyboardInterrupt
         return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(hpkit.pipeline.train, "lambda_schedule", interrupt_at_4)
+    monkeypatch.setattr(hpkit.pipeline.step, "lambda_schedule", interrupt_at_4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(hpkit.pipeline.train, "lambda_schedule", real)
+    monkeypatch.setattr(hpkit.pipeline.step, "lambda_schedule", real)
     resumed = train(cfg, tmp_path / "cut", max_steps=6, progress=False, resume=True)
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
 

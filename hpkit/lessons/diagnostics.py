@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from hpkit.backbones.vit import FrozenViT
+from hpkit.lessons.positives import patch_labels, positives_vs_pool_size  # noqa: F401 - patch_labels is public here too
 from hpkit.method.heads import to_rows
 from hpkit.method.local_positives import neighbour_index
 from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
@@ -40,13 +41,6 @@ def extract(backbone: FrozenViT, data: Dataset, *, max_images: int | None = None
         if attention:
             out["attn"].append(attn)
     return {k: torch.cat(v) for k, v in out.items() if v}
-
-
-def patch_labels(labels: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(B, H, W) pixel labels -> (B, h, w) the label at each patch's centre pixel."""
-    h, w = grid
-    ph, pw = labels.shape[-2] // h, labels.shape[-1] // w
-    return labels[:, ph // 2::ph, pw // 2::pw][:, :h, :w]
 
 
 def _scores(confusion: Tensor, names, match: bool) -> dict:
@@ -138,10 +132,8 @@ def ghp_precision(pool_feats: Tensor, val_feats: Tensor, labels: Tensor, *, seed
         labels: (N, h, w) patch labels of the anchors (:func:`patch_labels`), -1 = ignore.
 
     Returns:
-        the precision in [0, 1] (:func:`hpkit.lessons.explorer.positives_vs_pool_size` with the whole pool).
+        the precision in [0, 1] (:func:`hpkit.lessons.positives.positives_vs_pool_size` with the whole pool).
     """
-    from hpkit.lessons.explorer import positives_vs_pool_size  # the explorer draws figures; import it only here
-
     g = torch.Generator().manual_seed(seed)
     tokens = pool_feats.flatten(2).transpose(1, 2)  # (M, hw, C)
     pool = tokens[torch.arange(len(tokens)), torch.randint(0, tokens.shape[1], (len(tokens),), generator=g)]

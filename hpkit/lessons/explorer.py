@@ -1,12 +1,8 @@
 """Looking at global hidden positives: reference-pool pictures, GHP statistics and an interactive explorer.
 
-Used by notebooks 01 (the reference pool) and 02 (global hidden positives). Three layers:
+Used by notebooks 01 (the reference pool) and 02 (global hidden positives). The statistics the
+pictures show are computed in :mod:`hpkit.lessons.positives` (re-exported here); this module draws:
 
-- pure computations on tensors: :func:`positive_precision`, :func:`positive_stats`,
-  :func:`positives_vs_pool_size`, :func:`symmetric_only_pairs`, :func:`find_symmetric_pair`,
-  :func:`locate_patches`;
-- data helpers: :func:`sample_pool` (a task-agnostic pool ``Q^ag`` that remembers where each
-  patch came from), :func:`momentum_head_from_run` (S' of a trained run);
 - pictures: :func:`patch_crop`, :func:`plot_pool_patches`, :func:`plot_criterion_hist`,
   :func:`plot_positives_vs_pool_size`, :func:`plot_symmetric_pair`, and :class:`GHPExplorer`
   (static figure ``figure()`` in the style of the paper's Fig. 5, and an ipywidgets ``widget()``).
@@ -18,7 +14,6 @@ Rows are image-major as everywhere in hpkit: row ``b * P + y * w + x`` is patch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -28,17 +23,17 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from hpkit.lessons.diagnostics import patch_labels
-from hpkit.method.global_positives import criterion, positive_mask
-from hpkit.method.heads import MomentumHead, SegmentationHead, to_rows
+from hpkit.lessons.positives import (PatchPool, patch_labels, batch_features, find_symmetric_pair, label_base_rate,  # noqa: F401
+                                     locate_patches, positive_precision, positive_stats, positives_vs_pool_size,
+                                     sample_pool, symmetric_only_pairs, _summarise, _hwc, patch_crop)
+from hpkit.method.global_positives import positive_mask
+from hpkit.method.heads import MomentumHead, to_rows
 from hpkit.lessons.plots import colorize, default_colors
-from hpkit.method.pools import sample_patches
 
 __all__ = ["positive_precision", "positive_stats", "positives_vs_pool_size", "label_base_rate",
            "symmetric_only_pairs", "find_symmetric_pair", "locate_patches", "PatchPool", "batch_features",
-           "sample_pool", "momentum_head_from_run", "patch_crop", "plot_pool_patches", "plot_criterion_hist",
+           "sample_pool", "patch_crop", "plot_pool_patches", "plot_criterion_hist",
            "plot_positives_vs_pool_size", "plot_symmetric_pair", "plot_set_summary", "GHPExplorer"]
 
 # colours of the overlays (RGB in [0, 1])
@@ -48,316 +43,8 @@ _ANCHOR = "yellow"
 
 
 # --------------------------------------------------------------------------------------------------
-# pure computations
-# --------------------------------------------------------------------------------------------------
-
-def positive_precision(mask: Tensor, anchor_labels: Tensor, labels: Tensor, *, ignore_index: int = -1) -> Tensor:
-    """Per-anchor precision of a positive set against patch labels.
-
-    Positives whose label is ``ignore_index`` are left out of the count; an anchor with an ignored
-    label, or without any counted positive, gets NaN.
-
-    Args:
-        mask: (n, N) bool, ``mask[r, j]`` = patch ``j`` is a positive of anchor ``r``.
-        anchor_labels: (n,) labels of the anchors.
-        labels: (N,) labels of all patches.
-
-    Returns:
-        (n,) float: (positives with the anchor's label) / (positives with a valid label).
-    """
-    if mask.dim() != 2 or mask.shape != (anchor_labels.shape[0], labels.shape[0]):
-        raise ValueError(f"mask must be (n, N) = ({anchor_labels.shape[0]}, {labels.shape[0]}) for "
-                         f"{anchor_labels.shape[0]} anchors and {labels.shape[0]} patches, got {tuple(mask.shape)}")
-    valid = mask & (labels != ignore_index)[None, :]
-    same = valid & (labels[None, :] == anchor_labels[:, None])
-    counted = valid.sum(1).double()
-    out = same.sum(1).double() / counted
-    out[(counted == 0) | (anchor_labels == ignore_index)] = float("nan")
-    return out
-
-
-def positive_stats(x: Tensor, c: Tensor, labels: Tensor, *, symmetric: bool = True, chunk_size: int = 1024,
-                   ignore_index: int = -1) -> dict[str, Tensor]:
-    """Per-anchor counts of the GHP set (Eq. 3 / 4) and of its correct members, without the (N, N) mask.
-
-    Args:
-        x: (N, d) L2-normalised features; c: (N,) their criteria (Eq. 2); labels: (N,) patch labels.
-
-    Returns:
-        ``count`` (N,) positives per anchor, ``counted`` (N,) those with a valid label, ``correct``
-        (N,) those with the anchor's label (all int64).
-    """
-    out = {"count": [], "counted": [], "correct": []}
-    valid = labels != ignore_index
-    for start in range(0, x.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, x.shape[0]))
-        mask = positive_mask(x[rows], x, c[rows], c, row_offset=start, symmetric=symmetric)
-        good = mask & valid[None, :]
-        out["count"].append(mask.sum(1))
-        out["counted"].append(good.sum(1))
-        correct = (good & (labels[None, :] == labels[rows, None])).sum(1)
-        out["correct"].append(torch.where(valid[rows], correct, torch.zeros_like(correct)))
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def _summarise(stats: dict[str, Tensor], labels: Tensor, ignore_index: int = -1) -> dict[str, float]:
-    """Scalars of :func:`positive_stats`: mean positives per anchor, micro / macro precision, coverage."""
-    valid = labels != ignore_index
-    counted = stats["counted"][valid].double()
-    correct = stats["correct"][valid].double()
-    has = counted > 0
-    return {
-        "positives_per_anchor": float(stats["count"].double().mean()),
-        "precision": float(correct.sum() / counted.sum()) if counted.sum() > 0 else float("nan"),
-        "anchor_precision": float((correct[has] / counted[has]).mean()) if has.any() else float("nan"),
-        "with_positive": float((stats["count"] > 0).double().mean()),
-    }
-
-
-def positives_vs_pool_size(x: Tensor, bank: Tensor, sizes: Sequence[int], labels: Tensor, *,
-                           symmetric: bool = True, chunk_size: int = 1024,
-                           ignore_index: int = -1) -> dict[str, list[float]]:
-    """How the GHP sets of a mini-batch change with the pool size M (the argument of Fig. 6a).
-
-    The pool of size ``m`` is the first ``m`` rows of ``bank`` (so the pools are nested and every
-    criterion ``c_i`` can only grow with M); shuffle the bank first for random pools.
-
-    Args:
-        x: (N, d) L2-normalised anchor features of the mini-batch.
-        bank: (K, d) pool candidates (normalised here), K >= max(sizes).
-        sizes: pool sizes M to try.
-        labels: (N,) patch labels of the anchors (``ignore_index`` = unlabelled).
-
-    Returns:
-        lists over ``sizes``: ``size``, ``criterion`` (mean c_i), ``positives_per_anchor``,
-        ``precision`` (correct / counted positives over the batch), ``anchor_precision`` (mean over
-        anchors with positives), ``with_positive`` (fraction of anchors with at least one positive).
-    """
-    if max(sizes) > bank.shape[0]:
-        raise ValueError(f"pool size {max(sizes)} exceeds the {bank.shape[0]} rows of the bank: lower the sizes "
-                         "or collect the bank from more images")
-    bank = F.normalize(bank.to(x.dtype), dim=1)
-    out: dict[str, list[float]] = {"size": [], "criterion": []}
-    for m in sizes:
-        c = criterion(x, bank[:m])
-        summary = _summarise(positive_stats(x, c, labels, symmetric=symmetric, chunk_size=chunk_size,
-                                            ignore_index=ignore_index), labels, ignore_index)
-        out["size"].append(int(m))
-        out["criterion"].append(float(c.double().mean()))
-        for k, v in summary.items():
-            out.setdefault(k, []).append(v)
-    return out
-
-
-def label_base_rate(labels: Tensor, *, ignore_index: int = -1) -> float:
-    """Precision of the trivial positive set "every other patch": the fraction of ordered pairs
-    ``(i, j)``, ``i != j``, of labelled patches that share a label. labels: (N,)."""
-    valid = labels[labels != ignore_index]
-    n = valid.numel()
-    if n < 2:
-        return float("nan")
-    counts = torch.bincount(valid).double()
-    return float((counts * (counts - 1)).sum() / (n * (n - 1)))
-
-
-def symmetric_only_pairs(x: Tensor, c: Tensor) -> Tensor:
-    """Pairs that only the symmetric rule (Eq. 3) makes positive.
-
-    Returns:
-        (K, 2) int64 ``(i, j)`` with ``<x_i, x_j> > c_j`` but ``<x_i, x_j> <= c_i``: ``j`` is a
-        positive of anchor ``i`` only because ``i`` is close enough to ``j`` by ``j``'s criterion.
-    """
-    sim = x @ x.T
-    only = (sim > c[None, :]) & ~(sim > c[:, None])
-    only.fill_diagonal_(False)
-    return only.nonzero()
-
-
-def find_symmetric_pair(x: Tensor, c: Tensor, labels: Tensor | None = None, *,
-                        patches_per_image: int | None = None) -> dict | None:
-    """One pair where the symmetric rule matters, for showing.
-
-    Preference: the two patches share a (valid) label, come from different images
-    (``patches_per_image`` given), and the margin ``sim - c_j`` is largest.
-
-    Returns:
-        ``{"i", "j", "sim", "c_i", "c_j", "same_label"}`` or None when the non-symmetric rule already
-        gives the same sets.
-    """
-    pairs = symmetric_only_pairs(x, c)
-    if pairs.shape[0] == 0:
-        return None
-    i, j = pairs[:, 0], pairs[:, 1]
-    sim = (x[i] * x[j]).sum(1)
-    score = (sim - c[j]).double()
-    rank = torch.zeros_like(score)
-    if labels is not None:
-        rank += 2.0 * ((labels[i] == labels[j]) & (labels[i] >= 0)).double()
-    if patches_per_image:
-        rank += 1.0 * (i // patches_per_image != j // patches_per_image).double()
-    best = int(torch.argmax(rank * 10.0 + score))  # rank first (margins are < 2), then margin
-    bi, bj = int(i[best]), int(j[best])
-    return {"i": bi, "j": bj, "sim": float(sim[best]), "c_i": float(c[bi]), "c_j": float(c[bj]),
-            "same_label": None if labels is None else bool(labels[bi] == labels[bj])}
-
-
-def locate_patches(feats: Tensor, rows: Tensor) -> Tensor:
-    """Which patch of each image a feature row came from (e.g. the draw of :func:`sample_patches`).
-
-    Args:
-        feats: (B, C, h, w) backbone features; rows: (B, C) one row taken from each image.
-
-    Returns:
-        (B,) patch index ``y * w + x`` (the closest patch; exact for rows copied from ``feats``).
-    """
-    if rows.shape != feats.shape[:2]:
-        raise ValueError(f"rows must be (B, C) = {tuple(feats.shape[:2])}, one per image, got {tuple(rows.shape)}")
-    flat = feats.flatten(2)  # (B, C, P)
-    return (flat - rows[:, :, None]).pow(2).sum(1).argmin(1)
-
-
-# --------------------------------------------------------------------------------------------------
-# data helpers
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class PatchPool:
-    """A task-agnostic reference pool that remembers where each patch came from.
-
-    Attributes:
-        bank: (M, C) raw backbone features, one random patch per image (what ``Q^ag`` normalises).
-        image_index: (M,) dataset index of each patch's image.
-        position: (M,) patch index ``y * w + x`` in that image.
-        labels: (M,) label at the patch centre (-1 where unlabelled).
-        crops: (M, S, S, 3) uint8 picture of each patch with context (see :func:`patch_crop`).
-        grid: (h, w) patch grid; patch_size, context: pixels.
-    """
-
-    bank: Tensor
-    image_index: Tensor
-    position: Tensor
-    labels: Tensor
-    crops: np.ndarray
-    grid: tuple[int, int]
-    patch_size: int
-    context: int
-
-    @property
-    def agnostic(self) -> Tensor:
-        """(M, C) L2-normalised ``Q^ag``."""
-        return F.normalize(self.bank.float(), dim=1)
-
-
-def _device(backbone) -> torch.device:
-    return next(iter(backbone.buffers()), torch.empty(0)).device
-
-
-@torch.no_grad()
-def batch_features(backbone, data: Dataset, count: int, *, start: int = 0,
-                   batch_size: int = 16) -> dict[str, Tensor]:
-    """Images, labels and backbone features of ``data[start : start + count]`` (all returned on the CPU).
-
-    The backbone runs on its own device. Returns ``images`` (B, 3, H, W), ``labels`` (B, H, W) and
-    ``feats`` (B, C, h, w).
-    """
-    if start + count > len(data):
-        raise ValueError(f"asked for images {start}..{start + count - 1} but the dataset has {len(data)}: "
-                         "lower the count")
-    device = _device(backbone)
-    out: dict[str, list[Tensor]] = {"images": [], "labels": [], "feats": []}
-    for first in range(start, start + count, batch_size):
-        items = [data[i] for i in range(first, min(first + batch_size, start + count))]
-        images = torch.stack([it[0] for it in items])
-        out["images"].append(images)
-        out["labels"].append(torch.stack([it[1] for it in items]))
-        out["feats"].append(backbone(images.to(device), attention=False)[0].float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-@torch.no_grad()
-def sample_pool(backbone, data: Dataset, size: int, *, generator: torch.Generator | None = None,
-                context: int = 8, batch_size: int = 16) -> PatchPool:
-    """``Q^ag`` from the first ``size`` images of ``data``: one random patch per image (section 3.2).
-
-    The draw is :func:`hpkit.method.pools.sample_patches`, batch by batch as in
-    :func:`hpkit.method.pools.collect_patch_bank`; the patch positions are recovered with
-    :func:`locate_patches` so that the pool can be shown as image crops.
-    """
-    if size > len(data):
-        raise ValueError(f"pool size M={size} is larger than the {len(data)} images of the dataset: lower M")
-    device = _device(backbone)
-    rows, positions, labels, crops = [], [], [], []
-    grid = (0, 0)
-    for first in range(0, size, batch_size):
-        items = [data[i] for i in range(first, min(first + batch_size, size))]
-        images = torch.stack([it[0] for it in items])
-        feats = backbone(images.to(device), attention=False)[0].float().cpu()
-        grid = tuple(feats.shape[-2:])
-        bank = sample_patches(feats, generator=generator)
-        pos = locate_patches(feats, bank)
-        lab = patch_labels(torch.stack([it[1] for it in items]), grid).flatten(1)
-        rows.append(bank)
-        positions.append(pos)
-        labels.append(lab.gather(1, pos[:, None])[:, 0])
-        crops += [_to_uint8(patch_crop(img, int(p) // grid[1], int(p) % grid[1], backbone.patch_size, context))
-                  for img, p in zip(images, pos)]
-    return PatchPool(torch.cat(rows), torch.arange(size), torch.cat(positions), torch.cat(labels), np.stack(crops),
-                     grid, backbone.patch_size, context)
-
-
-def momentum_head_from_run(state: dict, in_dim: int, dim: int | None = None) -> MomentumHead:
-    """S' (the EMA head) of a trained run, from its checkpoint dict (``load_run(run).state``).
-
-    Args:
-        state: the checkpoint dict (has ``"ema"``).
-        in_dim: backbone width C; dim: head width D (default: read from the checkpoint).
-    """
-    if "ema" not in state:
-        raise KeyError("the checkpoint has no 'ema' entry: pass load_run(run_dir).state of a run written by "
-                       "hpkit.pipeline.train.train")
-    weight = state["ema"]["module.linear.weight"]
-    dim = dim or weight.shape[0]
-    if weight.shape[1] != in_dim:
-        raise ValueError(f"the run's momentum head expects backbone width {weight.shape[1]}, got {in_dim}: use "
-                         "the run's own backbone (load_run(run_dir).backbone)")
-    ema = MomentumHead(SegmentationHead(in_dim, dim), momentum=0.0).eval()
-    ema.load_state_dict(state["ema"])
-    return ema
-
-
-# --------------------------------------------------------------------------------------------------
 # pictures
 # --------------------------------------------------------------------------------------------------
-
-def _hwc(image) -> np.ndarray:
-    """(3, H, W) tensor / (H, W, 3) array -> (H, W, 3) float array in [0, 1]."""
-    image = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-        image = image.transpose(1, 2, 0)
-    if image.dtype == np.uint8:
-        image = image / 255.0
-    return image.astype(np.float32)
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-
-
-def patch_crop(image, y: int, x: int, patch_size: int, context: int = 8) -> np.ndarray:
-    """The patch ``(y, x)`` with ``context`` pixels around it (grey outside the image).
-
-    Args:
-        image: (3, H, W) tensor or (H, W, 3) array in [0, 1].
-
-    Returns:
-        (S, S, 3) float array, S = patch_size + 2 * context; the patch is at ``[context:context+patch_size]``.
-    """
-    img = _hwc(image)
-    padded = np.pad(img, ((context, context), (context, context), (0, 0)), constant_values=0.5)
-    top, left = y * patch_size, x * patch_size
-    size = patch_size + 2 * context
-    return padded[top:top + size, left:left + size]
-
 
 def _box(ax, context: int, patch_size: int, color: str = "red") -> None:
     ax.add_patch(Rectangle((context - 0.5, context - 0.5), patch_size, patch_size, fill=False, ec=color, lw=1.5))
@@ -517,7 +204,7 @@ class GHPExplorer:
         labels: (B, H, W) pixel labels (-1 = ignore), used only to score the sets.
         feats: (B, C, h, w) backbone features of ``images``.
         pool: the task-agnostic pool (:func:`sample_pool`); its bank also gives ``Q^sp``.
-        ema_head: the momentum head S' of a trained run (:func:`momentum_head_from_run`); without it
+        ema_head: the momentum head S' of a trained run (``load_run(run).ema``); without it
             only the task-agnostic set is shown. ``Q^sp = normalize(S'(bank))`` uses the same pool
             patches as ``Q^ag``, as :meth:`hpkit.ReferencePools.refresh_specific` does with its bank.
         symmetric: use the symmetric rule (Eq. 3 / 4).

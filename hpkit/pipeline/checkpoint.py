@@ -16,7 +16,7 @@ import torch
 from hpkit._util import atomic_write
 from hpkit.backbones.vit import FrozenViT, load_backbone
 from hpkit.pipeline.config import Config, from_dict
-from hpkit.method.heads import SegmentationHead
+from hpkit.method.heads import MomentumHead, SegmentationHead
 from hpkit.pipeline.probes import ClusterProbe, LinearProbe
 
 __all__ = ["CHECKPOINT", "RUN_FILES", "DERIVED_FILES", "save_checkpoint", "load_checkpoint", "load_run", "TrainedRun",
@@ -76,10 +76,12 @@ class TrainedRun:
     linear: LinearProbe
     state: dict  # the whole checkpoint (step, history, ...)
     folder: Path | None = None  # the run folder it was loaded from
+    ema: MomentumHead | None = None  # S', the momentum head that selects task-specific positives
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Rebuild the backbone, head and probes of a run written by :func:`hpkit.pipeline.train.train`."""
+    """Rebuild the backbone, S (head), S' (EMA head) and probes of a run written by
+    :func:`hpkit.pipeline.train.train`."""
     state = load_checkpoint(run_dir, device)
     cfg = from_dict(state["config"])
     backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
@@ -89,4 +91,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Trained
     cluster.load_state_dict(state["cluster"])
     linear = LinearProbe(cfg.model.dim, state["linear"]["conv.weight"].shape[0]).to(device)
     linear.load_state_dict(state["linear"])
-    return TrainedRun(cfg, backbone, head, cluster, linear, state, run_folder(run_dir))
+    ema = MomentumHead(SegmentationHead(backbone.embed_dim, cfg.model.dim, cfg.model.dropout),
+                       cfg.model.ema_momentum).to(device).eval()
+    ema.load_state_dict(state["ema"])
+    return TrainedRun(cfg, backbone, head, cluster, linear, state, run_folder(run_dir), ema)

@@ -1,17 +1,12 @@
-"""One readable HP training loop: ``train(cfg, out_dir)``, on one device or several (torchrun + DDP).
+"""The training loop around :func:`hpkit.pipeline.step.hp_step`: ``train(cfg, out_dir)``, on one device
+or several (torchrun + DDP).
 
-Per iteration (section 1.0 of the reference notes, paper or official style from ``cfg.loss.style``):
-
-1. frozen backbone on the clean batch -> f and the LHP neighbour weights from its last-block attention
-   (read from the on-disk feature cache after the first epoch with ``train.cache_features``, H4); on a
-   photometrically augmented copy -> f_aug. The augmentation (colour jitter, grayscale, blur) works on
-   images in [0, 1] before normalisation; ``loss.style=official`` reproduces the official code, which
-   jitters the *normalised* image and so clamps it to [0, 1] (D12);
-2. s = S(f), z = Z(s), z_aug = Z(S(f_aug)), s' = S'(f), z_mix = Z(mix of s by the LHP weights);
-3. loss = hp_objective(...) + alpha * consistency_regularizer(z, z_aug) (or Eq. 1 for Table 4 (g));
-4. AdamW on S, Adam on Z, gradient clipping on S, EMA update of S', Q^sp refresh every
-   ``renew_interval`` iterations (from the cached patch bank, no backbone pass);
-5. the cluster and linear probes train on ``s.detach()``: they measure, they never shape the head.
+``train`` checks the data, loads the frozen backbone, builds the heads, optimisers and reference pools
+(or restores them from ``checkpoint.pt``), then runs :func:`~hpkit.pipeline.step.hp_step` over the
+epochs. Everything optional is a marked branch of the loop: the on-disk feature cache
+(``train.cache_features``: after the first epoch f and the LHP weights are read from disk, H4), AMP
+(``train.amp``), DDP, validation every ``train.val_every`` steps, the cluster-probe refit after the last
+step (``train.probe_refit_epochs``) and ``on_step``, a callback called with each step's record.
 
 With ``train.probe_refit_epochs > 0`` (the demo preset; 0 in the paper presets) the cluster probe is
 re-initialised after the last planned step and trained alone on the final head
@@ -20,14 +15,13 @@ a poor k-means optimum and, with hard assignment, stays there.
 
 Every ``train.val_every`` iterations the probes are scored on the validation split (no CRF) and a
 checkpoint is written; the history (loss, lambda per step; metrics per validation) goes to
-``history.json`` for plotting (:mod:`hpkit.plots`). Unlike the official code, no checkpoint is
-*selected* by validation score: the validation split is the evaluation split, so the last checkpoint
-is the result.
+``history.json`` for plotting (:mod:`hpkit.lessons.plots`). No checkpoint is *selected* by validation
+score: the validation split is the evaluation split, so the last checkpoint is the result.
 
 Every random draw (batch order, augmentation, negatives, dropout) comes from seeded generators or a
 saved RNG state, so a run resumed from a checkpoint continues exactly like an uninterrupted one.
 Checkpoints are written atomically; a non-finite loss stops training with a message naming the step
-and leaves the last good checkpoint in place; Ctrl-C saves the last completed step first.
+and leaves the last good checkpoint in place; Ctrl-C and any other error save the last completed step.
 
 Multi-GPU: launch with ``torchrun --nproc_per_node N -m hpkit train ...``. ``data.batch_size`` stays
 the *global* batch; each rank takes an equal share of every batch, selects hidden positives within
@@ -37,7 +31,6 @@ averages the gradients. The pools are identical on all ranks (same seed, same EM
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -47,97 +40,27 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from hpkit._util import autocast, generator, resolve_device
+from hpkit._util import atomic_write, autocast, generator, resolve_device
 from hpkit.backbones.vit import FrozenViT, file_sha256, load_backbone
-from hpkit._util import atomic_write
+from hpkit.data.folder import scan_folder
+from hpkit.method.heads import MomentumHead
+from hpkit.method.pools import ReferencePools, collect_patch_bank
 from hpkit.pipeline.checkpoint import CHECKPOINT, load_checkpoint, prepare_run_folder, save_checkpoint
 from hpkit.pipeline.config import Config, to_dict
 from hpkit.pipeline.datasets import UNLABELLED_CLUSTERS, build_dataset
-from hpkit.data.folder import scan_folder
 from hpkit.pipeline.evaluate import has_labels, score
 from hpkit.pipeline.feature_cache import FeatureCache
-from hpkit.method.heads import MomentumHead, ProjectionHead, SegmentationHead, to_rows
-from hpkit.method.local_positives import local_weights, mix_neighbours
-from hpkit.method.objective import consistency_regularizer, hp_objective, lambda_schedule, self_contrastive_loss
-from hpkit.method.pools import ReferencePools, collect_patch_bank
-from hpkit.pipeline.probes import ClusterProbe, LinearProbe
+from hpkit.pipeline.step import HPHeads, StepContext, TrainingDiverged, TrainState, clean_view, hp_step, photometric
 
-__all__ = ["train", "photometric", "HPHeads", "TrainingDiverged"]
+__all__ = ["train", "prepare_data", "refit_cluster_probe", "photometric", "HPHeads", "TrainingDiverged"]
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-def photometric(images: Tensor, generator: torch.Generator, *, official: bool = False,
-                mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
-    """The regulariser's view: per-image colour jitter, random grayscale (p 0.2) and blur (p 0.5).
-
-    Args:
-        images: (B, 3, H, W) in [0, 1].
-        official: jitter the normalised image as the official code does (torchvision clamps it to
-            [0, 1], D12); needs ``mean``/``std`` (3,). The result is then a *normalised* input.
-
-    Returns:
-        (B, 3, H, W): in [0, 1], or normalised-and-clamped with ``official=True``.
-    """
-    if official:
-        images = (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    jitter = v2.ColorJitter(0.3, 0.3, 0.3, 0.1)
-    blur = v2.GaussianBlur(5, (0.1, 2.0))
-    out = []
-    state = torch.get_rng_state()
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))  # v2 draws from torch RNG
-    try:
-        for img in images:  # on the images' device: no round trip through the CPU on a GPU
-            img = jitter(img)
-            if official:  # hue on out-of-range values divides 0 by 0 where a pixel's max channel is exactly 0
-                img = torch.nan_to_num(img, nan=0.0)
-            if torch.rand(()) < 0.2:
-                img = v2.functional.rgb_to_grayscale(img, num_output_channels=3)
-            if torch.rand(()) < 0.5:
-                img = blur(img)
-            out.append(img if official else img.clamp(0, 1))
-    finally:
-        torch.set_rng_state(state)
-    return torch.stack(out)
-
-
-class HPHeads(nn.Module):
-    """Everything that trains: S, Z and the two probes, with one forward per step (what DDP wraps).
-
-    ``forward(f, f_aug, mix_weights, labels)`` returns ``s`` (B, D, h, w), ``z`` (B*P, D'),
-    ``z_aug`` (or None), ``z_mix`` (or None) and ``probe_loss`` (the probes see ``s.detach()`` only).
-    """
-
-    def __init__(self, in_dim: int, dim: int, n_classes: int, dropout: float = 0.0, n_clusters: int | None = None):
-        super().__init__()
-        self.head = SegmentationHead(in_dim, dim, dropout)
-        self.proj = ProjectionHead(dim)
-        self.cluster = ClusterProbe(dim, n_clusters or n_classes)
-        self.linear = LinearProbe(dim, n_classes)
-
-    def forward(self, f: Tensor, f_aug: Tensor | None, mix_weights: Tensor | None, labels: Tensor) -> dict:
-        b = f.shape[0]
-        s_all = self.head(f if f_aug is None else torch.cat([f, f_aug]))
-        s = s_all[:b]
-        views = [to_rows(s_all)] + ([to_rows(mix_neighbours(s, mix_weights))] if mix_weights is not None else [])
-        z_all = self.proj(torch.cat(views))
-        n = s.shape[0] * s.shape[2] * s.shape[3]
-        probe_loss = self.cluster.loss(s)
-        if bool(((labels >= 0) & (labels < self.linear.n_classes)).any()):  # unlabelled folders: no linear probe
-            probe_loss = probe_loss + self.linear.loss(s, labels)
-        else:
-            probe_loss = probe_loss + 0.0 * self.linear.conv.weight.sum()  # keeps DDP's gradient buckets complete
-        return {"s": s, "z": z_all[:n], "z_aug": z_all[n:2 * n] if f_aug is not None else None,
-                "z_mix": z_all[-n:] if mix_weights is not None else None, "probe_loss": probe_loss}
+#: the head parts a checkpoint stores by name
+PARTS = ("head", "proj", "cluster", "linear")
 
 
 def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_images: int, cfg: Config, *,
@@ -212,11 +135,11 @@ def _check_sizes(cfg: Config, backbone: FrozenViT, n_train: int, world: int) -> 
 
 
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, force: bool = False,
-          max_steps: int | None = None, progress: bool = True) -> dict:
+          max_steps: int | None = None, progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
     """Train HP as configured and write ``checkpoint.pt``, ``config.json`` and ``history.json``.
 
     Args:
-        cfg: the configuration (see :mod:`hpkit.config`).
+        cfg: the configuration (see :mod:`hpkit.pipeline.config`).
         out_dir: output folder.
         resume: continue from ``out_dir/checkpoint.pt``.
         force: delete a run already in ``out_dir`` and start over (without ``resume`` or ``force`` a
@@ -224,6 +147,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, force: bool
         max_steps: stop after this many iterations in total (quick runs, tests); the lambda
             schedule still spans the configured epochs.
         progress: show a tqdm progress bar.
+        on_step: called after every step with its record (step, loss, lambda, probe_loss, seconds,
+            and ``total``, the steps this call runs to), on the main process.
 
     Returns:
         dict with ``history`` (one entry per iteration: step, loss, lambda, probe_loss, seconds),
@@ -236,7 +161,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, force: bool
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, Path(out_dir), resume, force, max_steps, progress and rank == 0, device, rank, world)
+        return _train(cfg, Path(out_dir), resume, force, max_steps, progress and rank == 0, device, rank, world,
+                      on_step if rank == 0 else None)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -274,8 +200,10 @@ def prepare_data(cfg: Config, *, validate: bool = True) -> tuple[Dataset, Datase
     return data, val_data, n_classes, k, notes
 
 
+
+
 def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | None, progress: bool,
-           device: torch.device, rank: int, world: int) -> dict:
+           device: torch.device, rank: int, world: int, on_step: Callable[[dict], None] | None) -> dict:
     main = rank == 0
     torch.manual_seed(cfg.train.seed)
     data, val_data, n_classes, n_clusters, notes = prepare_data(cfg, validate=bool(cfg.train.val_every) and main)
@@ -286,8 +214,108 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
             print(f"note: {note}")
     backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
     _check_sizes(cfg, backbone, len(data), world)
-    loss_cfg, o = cfg.loss, cfg.optim
-    model = HPHeads(backbone.embed_dim, cfg.model.dim, max(n_classes, 1), cfg.model.dropout, n_clusters).to(device)
+    amp, fp16 = autocast(cfg.train.amp, device, "train.amp")
+    state = _new_state(cfg, backbone, max(n_classes, 1), n_clusters, device, fp16)
+    if resume:
+        _restore(state, out, device)
+    else:
+        state.pools = _new_pools(cfg, backbone, data, state.ema, device, progress, world)
+    if main:
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    steps_per_epoch = len(data) // cfg.data.batch_size
+    planned = steps_per_epoch * cfg.train.epochs  # the lambda schedule always spans the whole run
+    total = planned if max_steps is None else min(planned, max_steps)
+    net = DistributedDataParallel(state.model) if world > 1 else state.model
+    ctx = StepContext(cfg, backbone, net, amp, planned, backbone.grid(cfg.data.image_size, cfg.data.image_size), world)
+    cache = _feature_cache(ctx, data, out, main) if cfg.train.cache_features else None
+
+    def save() -> None:
+        if main:
+            _save(state, cfg, out)
+
+    def validate() -> None:
+        if main and val_data is not None:
+            state.validation.append(_validate(ctx, state, val_data, device, progress))
+        save()
+
+    bar = tqdm(total=total, initial=state.step, disable=not progress, desc="HP training")
+    try:
+        _run_steps(ctx, state, data, cache, total, steps_per_epoch, device, rank, validate, bar, on_step)
+        bar.close()
+        if cfg.train.probe_refit_epochs and state.step == planned and not state.refitted:
+            _refit(ctx, state, data, cache, device, main, progress)
+        if cfg.train.val_every and (not state.validation or state.validation[-1]["step"] != state.step):
+            validate()
+        else:
+            save()
+    except KeyboardInterrupt:
+        bar.close()
+        if not state.updating:
+            save()
+        if main:
+            print(f"interrupted at step {state.step}; the checkpoint in {out} is kept: continue with resume=True "
+                  "(`hpkit train ... --resume`)")
+        raise
+    except TrainingDiverged as err:
+        bar.close()
+        kept = out / CHECKPOINT if (out / CHECKPOINT).exists() else "none yet"
+        raise TrainingDiverged(f"{err}; the last good checkpoint ({kept}) is kept. Try a lower optim.lr "
+                               "or loss.tau closer to the preset") from None
+    except Exception:  # keep the work done so far: the last completed step's state, if it is whole
+        bar.close()
+        if main and not state.updating and state.step > 0:
+            try:
+                save()
+                print(f"training stopped by an error at step {state.step}; the checkpoint of step {state.step} is in "
+                      f"{out}: fix the cause and continue with --resume (resume=True)")
+            except Exception:  # the error that stopped training is the one to report
+                pass
+        raise
+    if world > 1:
+        _check_replicas(state.model, world)
+    return {"history": state.history, "validation": state.validation, "steps": state.step}
+
+
+def _run_steps(ctx: StepContext, state: TrainState, data: Dataset, cache: FeatureCache | None, total: int,
+               steps_per_epoch: int, device: torch.device, rank: int, validate: Callable[[], None], bar,
+               on_step: Callable[[dict], None] | None) -> None:
+    """The loop: batches of each epoch in a seeded order (resuming mid-epoch), one ``hp_step`` each."""
+    cfg = ctx.cfg
+    share = cfg.data.batch_size // ctx.world
+    while state.step < total:
+        epoch, skip = divmod(state.step, steps_per_epoch)
+        indices = _epoch_indices(len(data), cfg.data.batch_size, epoch, cfg.train.seed, rank, ctx.world)
+        loader = DataLoader(_Indexed(data), batch_size=share, sampler=indices[skip:].flatten().tolist(),
+                            num_workers=cfg.data.num_workers, generator=generator(cfg.train.seed, epoch, 7))
+        for idx, images, labels in loader:
+            if state.step >= total:
+                break
+            started = time.perf_counter()
+            gen = generator(cfg.train.seed, 1_000_000 + state.step, rank)
+            # The objective draws its random negatives where the features are: a CPU generator cannot
+            # draw on a GPU. On the CPU it is the same generator, after the augmentation's draw.
+            draws = gen if device.type == "cpu" else torch.Generator(device).manual_seed(gen.initial_seed())
+            images, labels = images.to(device), labels.to(device)
+            if cache is not None:  # feature cache: the backbone runs only for images not yet on disk
+                clean = cache.lookup(idx, lambda missing: clean_view(ctx, images[missing.to(device)]), device)
+            else:
+                clean = clean_view(ctx, images)
+            record = hp_step(ctx, state, images, labels, clean, gen, draws)
+            state.history.append({**record, "seconds": time.perf_counter() - started})
+            state.updating = False
+            if cfg.train.val_every and state.step % cfg.train.val_every == 0:
+                validate()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record['lambda']:.2f}")
+            if on_step is not None:
+                on_step({**state.history[-1], "total": total})
+
+
+def _new_state(cfg: Config, backbone: FrozenViT, n_classes: int, n_clusters: int, device: torch.device,
+               fp16: bool) -> TrainState:
+    """Fresh heads (S, Z, probes), S' as a copy of S, the optimisers and the fp16 scaler; no pools yet."""
+    o = cfg.optim
+    model = HPHeads(backbone.embed_dim, cfg.model.dim, n_classes, cfg.model.dropout, n_clusters).to(device)
     ema = MomentumHead(model.head, cfg.model.ema_momentum).eval()
     optimizers = {
         "head": torch.optim.AdamW(model.head.parameters(), lr=o.lr, weight_decay=o.weight_decay),
@@ -295,210 +323,102 @@ def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | N
         "cluster": torch.optim.Adam(model.cluster.parameters(), lr=o.cluster_lr),
         "linear": torch.optim.Adam(model.linear.parameters(), lr=o.linear_lr),
     }
-    amp, fp16 = autocast(cfg.train.amp, device, "train.amp")
     scaler = torch.amp.GradScaler(device.type, init_scale=2048, growth_interval=1000, enabled=fp16)
-    steps_per_epoch = len(data) // cfg.data.batch_size
-    planned = steps_per_epoch * cfg.train.epochs  # the lambda schedule always spans the whole run
-    total = planned if max_steps is None else min(planned, max_steps)
-    share = cfg.data.batch_size // world
+    return TrainState(model, ema, optimizers, scaler, pools=None)  # type: ignore[arg-type]
 
-    ckpt_path = out / CHECKPOINT
-    step, history, validation = 0, [], []
-    refitted = False  # the cluster probe has been refitted on the final head (train.probe_refit_epochs)
-    if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
-        state = load_checkpoint(out, device)
-        for name in ("head", "proj", "cluster", "linear"):
-            getattr(model, name).load_state_dict(state[name])
-        ema.load_state_dict(state["ema"])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state["optim"][name])
-        scaler.load_state_dict(state.get("scaler", scaler.state_dict()))
-        torch.set_rng_state(state["rng"])
-        pools = ReferencePools.from_state_dict(state["pools"])
-        step, history, validation = state["step"], state["history"], state.get("validation", [])
-        refitted = state.get("probe_refitted", False)
-    else:
-        loader = DataLoader(data, batch_size=min(share, 64), shuffle=True, generator=generator(cfg.train.seed, -1))
-        bank = collect_patch_bank(backbone, loader, loss_cfg.pool_size, generator=generator(cfg.train.seed, -2),
-                                  device=device, progress=progress)
-        pools = ReferencePools(bank, loss_cfg.pool_size, generator=generator(cfg.train.seed, -3))
-        pools.refresh_specific(ema, generator=generator(cfg.train.seed, -4))
+
+def _new_pools(cfg: Config, backbone: FrozenViT, data: Dataset, ema: MomentumHead, device: torch.device,
+               progress: bool, world: int) -> ReferencePools:
+    """Q^ag from a seeded bank of backbone patch features, Q^sp from S' on it (Eq. 2-4)."""
+    loader = DataLoader(data, batch_size=min(cfg.data.batch_size // world, 64), shuffle=True,
+                        generator=generator(cfg.train.seed, -1))
+    bank = collect_patch_bank(backbone, loader, cfg.loss.pool_size, generator=generator(cfg.train.seed, -2),
+                              device=device, progress=progress)
+    pools = ReferencePools(bank, cfg.loss.pool_size, generator=generator(cfg.train.seed, -3))
+    pools.refresh_specific(ema, generator=generator(cfg.train.seed, -4))
+    return pools
+
+
+def _save(state: TrainState, cfg: Config, out: Path) -> None:
+    """Write ``checkpoint.pt`` and ``history.json`` atomically."""
+    save_checkpoint({**{name: getattr(state.model, name).state_dict() for name in PARTS},
+                     "ema": state.ema.state_dict(), "optim": {k: v.state_dict() for k, v in state.optimizers.items()},
+                     "scaler": state.scaler.state_dict(), "rng": torch.get_rng_state(),
+                     "pools": state.pools.state_dict(), "step": state.step, "history": state.history,
+                     "validation": state.validation, "probe_refitted": state.refitted, "config": to_dict(cfg)},
+                    out / CHECKPOINT)
+    atomic_write(out / "history.json",
+                 lambda tmp: tmp.write_text(json.dumps({"steps": state.history, "validation": state.validation})))
+
+
+def _restore(state: TrainState, out: Path, device: torch.device) -> None:
+    """Load everything :func:`_save` wrote (``--resume``)."""
+    if not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+    saved = load_checkpoint(out, device)
+    for name in PARTS:
+        getattr(state.model, name).load_state_dict(saved[name])
+    state.ema.load_state_dict(saved["ema"])
+    for name, opt in state.optimizers.items():
+        opt.load_state_dict(saved["optim"][name])
+    state.scaler.load_state_dict(saved.get("scaler", state.scaler.state_dict()))
+    torch.set_rng_state(saved["rng"])
+    state.pools = ReferencePools.from_state_dict(saved["pools"])
+    state.step, state.history, state.validation = saved["step"], saved["history"], saved.get("validation", [])
+    state.refitted = saved.get("probe_refitted", False)
+
+
+def _validate(ctx: StepContext, state: TrainState, val_data: Dataset, device: torch.device, progress: bool) -> dict:
+    """The probes' accuracy and mIoU on the validation split at this step."""
+    m = state.model
+    result = score(ctx.backbone, m.head, m.cluster, m.linear, val_data, kmeans=False,
+                   max_images=ctx.cfg.train.val_images, device=device, seed=ctx.cfg.train.seed, progress=progress)
+    return {"step": state.step, **{f"{k}_{metric}": result[k][key] for k in ("cluster", "linear")
+                                   for metric, key in (("accuracy", "pixel_accuracy"), ("miou", "mean_iou"))}}
+
+
+def _feature_cache(ctx: StepContext, data: Dataset, out: Path, main: bool) -> FeatureCache:
+    """The on-disk cache of f (and the LHP weights), keyed on everything that changes them."""
+    cfg, backbone = ctx.cfg, ctx.backbone
+    folder = Path(cfg.train.cache_dir) if cfg.train.cache_dir else out / "feature_cache"
+    key = {"backbone": backbone.name, "weights": cfg.model.weights,
+           "weights_sha256": file_sha256(backbone.weights_path) if backbone.weights_path else None,
+           "data": to_dict(cfg)["data"],
+           "files": data.layout.fingerprint() if hasattr(data, "layout") else None,  # a folder's photos
+           "seed": cfg.train.seed, "lhp": [cfg.loss.style, cfg.loss.sigma] if ctx.need_weights else None}
+    shape = (backbone.embed_dim, *ctx.grid)
+    cache = FeatureCache(folder, len(data), shape, with_weights=ctx.need_weights, key=key) if main else None
+    if ctx.world > 1:
+        dist.barrier()
+    if not main:
+        cache = FeatureCache(folder, len(data), shape, with_weights=ctx.need_weights, key=key, create=False)
+    return cache
+
+
+def _refit(ctx: StepContext, state: TrainState, data: Dataset, cache: FeatureCache | None, device: torch.device,
+           main: bool, progress: bool) -> None:
+    """Refit the cluster probe on the final head (``train.probe_refit_epochs``), from cached features."""
+    def features(idx: Tensor) -> Tensor:
+        def compute(missing: Tensor) -> dict[str, Tensor]:  # images are read only for rows not cached
+            return clean_view(ctx, torch.stack([data[int(i)][0] for i in idx[missing]]).to(device))
+
+        if cache is None:
+            return compute(torch.arange(len(idx)))["feats"]
+        return cache.lookup(idx, compute, device)["feats"]
+
     if main:
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        refit_cluster_probe(state.model, features, len(data), ctx.cfg, progress=progress)
+    if ctx.world > 1:
+        dist.broadcast(state.model.cluster.centroids.data, 0)
+    state.refitted = True
+    if state.validation and state.validation[-1]["step"] == state.step:
+        state.validation.pop()  # scored with the probe before the refit
 
-    net: nn.Module = DistributedDataParallel(model) if world > 1 else model
-    need_aug = loss_cfg.plain_contrastive or (loss_cfg.regularizer and loss_cfg.alpha > 0)
-    need_weights = loss_cfg.lhp and not loss_cfg.plain_contrastive
-    h, w = backbone.grid(cfg.data.image_size, cfg.data.image_size)
-    cache = None
-    if cfg.train.cache_features:
-        folder = Path(cfg.train.cache_dir) if cfg.train.cache_dir else out / "feature_cache"
-        key = {"backbone": backbone.name, "weights": cfg.model.weights,
-               "weights_sha256": file_sha256(backbone.weights_path) if backbone.weights_path else None,
-               "data": to_dict(cfg)["data"],
-               "files": data.layout.fingerprint() if hasattr(data, "layout") else None,  # a folder's photos
-               "seed": cfg.train.seed, "lhp": [loss_cfg.style, loss_cfg.sigma] if need_weights else None}
-        if main:
-            cache = FeatureCache(folder, len(data), (backbone.embed_dim, h, w), with_weights=need_weights, key=key)
-        if world > 1:
-            dist.barrier()
-        if not main:
-            cache = FeatureCache(folder, len(data), (backbone.embed_dim, h, w), with_weights=need_weights,
-                                 key=key, create=False)
-    mean, std = backbone.mean.flatten(), backbone.std.flatten()
 
-    def clean_view(images: Tensor) -> dict[str, Tensor]:
-        with amp:
-            feats, attn = backbone(images, attention=need_weights)
-        out_ = {"feats": feats.float()}
-        if need_weights:
-            out_["weights"] = local_weights(attn, (h, w), sigma=loss_cfg.sigma, style=loss_cfg.style)
-        return out_
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint({**{name: getattr(model, name).state_dict() for name in ("head", "proj", "cluster",
-                                                                                      "linear")},
-                             "ema": ema.state_dict(), "optim": {k: v.state_dict() for k, v in optimizers.items()},
-                             "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                             "pools": pools.state_dict(), "step": step, "history": history,
-                             "validation": validation, "probe_refitted": refitted, "config": to_dict(cfg)},
-                            ckpt_path)
-            atomic_write(out / "history.json",
-                         lambda tmp: tmp.write_text(json.dumps({"steps": history, "validation": validation})))
-
-    def validate() -> None:
-        if main and val_data is not None:
-            m = score(backbone, model.head, model.cluster, model.linear, val_data, kmeans=False,
-                      max_images=cfg.train.val_images, device=device, seed=cfg.train.seed, progress=progress)
-            validation.append({"step": step, **{f"{k}_{metric}": m[k][key] for k in ("cluster", "linear")
-                                                 for metric, key in (("accuracy", "pixel_accuracy"),
-                                                                     ("miou", "mean_iou"))}})
-        checkpoint()
-
-    bar = tqdm(total=total, initial=step, disable=not progress, desc="HP training")
-    mm_dtype = getattr(torch, loss_cfg.matmul_dtype) if loss_cfg.matmul_dtype else None
-    updating = False  # True while parameters are half-updated: an interrupt then keeps the old checkpoint
-    try:
-        while step < total:
-            epoch, skip = divmod(step, steps_per_epoch)
-            indices = _epoch_indices(len(data), cfg.data.batch_size, epoch, cfg.train.seed, rank, world)
-            loader = DataLoader(_Indexed(data), batch_size=share, sampler=indices[skip:].flatten().tolist(),
-                                num_workers=cfg.data.num_workers, generator=generator(cfg.train.seed, epoch, 7))
-            for idx, images, labels in loader:
-                if step >= total:
-                    break
-                started = time.perf_counter()
-                gen = generator(cfg.train.seed, 1_000_000 + step, rank)
-                # The objective draws its random negatives where the features are: a CPU generator cannot
-                # draw on a GPU. On the CPU it is the same generator, after the augmentation's draw.
-                draws = gen if device.type == "cpu" else torch.Generator(device).manual_seed(gen.initial_seed())
-                images, labels = images.to(device), labels.to(device)
-                if cache is not None:
-                    clean = cache.lookup(idx, lambda missing: clean_view(images[missing.to(device)]), device)
-                else:
-                    clean = clean_view(images)
-                feats, weights = clean["feats"], clean.get("weights")
-                with amp:
-                    f_aug = None
-                    if need_aug:
-                        official = loss_cfg.style == "official"
-                        aug = photometric(images, gen, official=official, mean=mean, std=std)
-                        f_aug = backbone(aug, attention=False, normalized=official).feats
-                    outs = net(feats, f_aug, weights if loss_cfg.propagation == "gradient" else None, labels)
-                    s_ema = ema(feats)
-                z, z_aug, probe_loss = outs["z"].float(), outs["z_aug"], outs["probe_loss"].float()
-                lam = lambda_schedule(step, planned, loss_cfg.warmup)
-                if loss_cfg.plain_contrastive:
-                    loss = self_contrastive_loss(z, z_aug.float(), tau=loss_cfg.tau)
-                else:
-                    z_mix = outs["z_mix"].float() if outs["z_mix"] is not None else None
-                    nb = weights if loss_cfg.lhp and loss_cfg.propagation == "loss" else None
-                    loss = hp_objective(z, F.normalize(to_rows(feats), dim=1), F.normalize(to_rows(s_ema.float()), dim=1),
-                                        pools.agnostic.to(device), pools.specific.to(device),
-                                        patches_per_image=h * w, lam=lam, tau=loss_cfg.tau, rho=loss_cfg.rho,
-                                        z_mix=z_mix, style=loss_cfg.style, symmetric=loss_cfg.symmetric,
-                                        task_specific=loss_cfg.task_specific, neighbour_weights=nb, generator=draws,
-                                        matmul_dtype=mm_dtype)
-                    if need_aug:
-                        loss = loss + loss_cfg.alpha * consistency_regularizer(z, z_aug.float())
-                value = loss.detach()
-                if world > 1:
-                    dist.all_reduce(value)
-                    value /= world
-                if not math.isfinite(value.item()):
-                    raise TrainingDiverged(
-                        f"loss is {value.item()} at step {step}; the last good checkpoint "
-                        f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Try a lower optim.lr "
-                        "or loss.tau closer to the preset")
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                scaler.scale(loss + probe_loss).backward()
-                updating = True
-                scaler.unscale_(optimizers["head"])
-                torch.nn.utils.clip_grad_norm_(model.head.parameters(), o.grad_clip)
-                for opt in optimizers.values():
-                    scaler.step(opt)
-                scaler.update()
-                ema.update(model.head)
-                step += 1
-                if step % loss_cfg.renew_interval == 0:
-                    pools.refresh_specific(ema, generator=generator(cfg.train.seed, 2_000_000 + step))
-                history.append({"step": step, "loss": value.item(), "lambda": lam, "probe_loss": probe_loss.item(),
-                                "seconds": time.perf_counter() - started})
-                updating = False
-                if cfg.train.val_every and step % cfg.train.val_every == 0:
-                    validate()
-                bar.update(1)
-                bar.set_postfix(loss=f"{value.item():.3f}", lam=f"{lam:.2f}")
-        bar.close()
-        if cfg.train.probe_refit_epochs and step == planned and not refitted:
-            def features(idx: Tensor) -> Tensor:
-                def compute(missing: Tensor) -> dict[str, Tensor]:  # images are read only for rows not cached
-                    return clean_view(torch.stack([data[int(i)][0] for i in idx[missing]]).to(device))
-
-                if cache is None:
-                    return compute(torch.arange(len(idx)))["feats"]
-                return cache.lookup(idx, compute, device)["feats"]
-
-            if main:
-                refit_cluster_probe(model, features, len(data), cfg, progress=progress)
-            if world > 1:
-                dist.broadcast(model.cluster.centroids.data, 0)
-            refitted = True
-            if validation and validation[-1]["step"] == step:
-                validation.pop()  # scored with the probe before the refit
-        if cfg.train.val_every and (not validation or validation[-1]["step"] != step):
-            validate()
-        else:
-            checkpoint()
-    except KeyboardInterrupt:
-        if not updating:
-            checkpoint()
-        bar.close()
-        if main:
-            print(f"interrupted at step {step}; the checkpoint in {out} is kept: continue with resume=True "
-                  "(`hpkit train ... --resume`)")
-        raise
-    except TrainingDiverged:
-        bar.close()
-        raise
-    except Exception:  # keep the work done so far: the last completed step's state, if it is whole
-        bar.close()
-        if main and not updating and step > 0:
-            try:
-                checkpoint()
-                print(f"training stopped by an error at step {step}; the checkpoint of step {step} is in {out}: "
-                      "fix the cause and continue with --resume (resume=True)")
-            except Exception:  # the error that stopped training is the one to report
-                pass
-        raise
-    if world > 1:  # DDP keeps the replicas equal; check it once, cheaply, before anyone uses the result
-        total_sum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        sums = [torch.zeros_like(total_sum) for _ in range(world)]
-        dist.all_gather(sums, total_sum)
-        if any(not torch.equal(sums[0], x) for x in sums):
-            raise RuntimeError(f"the {world} DDP replicas ended with different parameters: {sums}")
-    return {"history": history, "validation": validation, "steps": step}
+def _check_replicas(model: HPHeads, world: int) -> None:
+    """DDP keeps the replicas equal; check it once, cheaply, before anyone uses the result."""
+    total_sum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = [torch.zeros_like(total_sum) for _ in range(world)]
+    dist.all_gather(sums, total_sum)
+    if any(not torch.equal(sums[0], x) for x in sums):
+        raise RuntimeError(f"the {world} DDP replicas ended with different parameters: {sums}")
