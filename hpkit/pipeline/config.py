@@ -5,6 +5,13 @@ fields from strings (as on the command line) and ``override(cfg, {"loss.tau": 0.
 ``to_dict`` / ``from_dict`` round-trip through JSON, so the resolved configuration can be saved next
 to every checkpoint and result.
 
+Every configuration is checked when it is built (``Config(...)``, :func:`get_config`,
+:func:`override`, :func:`from_dict`, the command line's ``--set``): a field of a fixed set of values
+(``loss.style``, ``train.amp``, ``data.dataset``, ...) or a number out of its range raises one
+``ValueError`` line naming the key, the bad value and the valid choices or range, before any data,
+backbone or bank is loaded (:func:`validate`). Checks that need the dataset or the backbone (the pool
+against the number of images, sizes against the patch size) happen when training starts.
+
 Preset values follow Table 6 and the official configs (section 5.2 of the reference notes). Where
 the paper and the official config disagree, the choice is marked in the preset with the other value.
 """
@@ -15,11 +22,17 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Mapping
+
+from hpkit.backbones.vit import BACKBONES
 
 __all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS",
-           "get_config", "override", "to_dict", "from_dict", "dumps"]
+           "get_config", "override", "to_dict", "from_dict", "dumps", "validate", "CHOICES", "RANGES"]
 
 
 @dataclass
@@ -38,15 +51,21 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 4
 
+    def __post_init__(self) -> None:
+        _check_section("data", self)
+
 
 @dataclass
 class ModelConfig:
-    backbone: str = "dino_vits8"
+    backbone: str = "dino_vits8"  # a name of hpkit.backbones.vit.BACKBONES or auto
     weights: str | None = None  # local checkpoint for the backbone
     dim: int = 512  # segmentation feature width D (K in the paper)
     num_clusters: int | None = None  # the cluster probe's K (None: the number of classes; 8 without labels)
     dropout: float = 0.0  # Dropout2d on head inputs (official 0.1, D4)
     ema_momentum: float = 0.99  # momentum of S'
+
+    def __post_init__(self) -> None:
+        _check_section("model", self)
 
 
 @dataclass
@@ -66,7 +85,10 @@ class LossConfig:
     regularizer: bool = True  # consistency regulariser (Reg)
     plain_contrastive: bool = False  # row (g): Eq. 1 instead of HP
     propagation: str = "gradient"  # gradient | loss (Table 5)
-    matmul_dtype: str | None = None  # None | bfloat16
+    matmul_dtype: str | None = None  # None (float32) | bfloat16 (| float16 | float32 | float64)
+
+    def __post_init__(self) -> None:
+        _check_section("loss", self)
 
 
 @dataclass
@@ -78,12 +100,15 @@ class OptimConfig:
     cluster_lr: float = 5e-3  # cluster probe
     grad_clip: float = 10.0
 
+    def __post_init__(self) -> None:
+        _check_section("optim", self)
+
 
 @dataclass
 class TrainConfig:
     epochs: int = 3
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     val_every: int = 100  # iterations between validations + checkpoints (official: 100, Potsdam 50); 0: end only
     val_images: int | None = None  # validate on the first images of the val split (None: all)
     cache_features: bool = False  # cache clean-view backbone features + LHP weights on disk (H4)
@@ -95,6 +120,9 @@ class TrainConfig:
     # stays there (hard assignment); on short runs that costs up to 16 mIoU (README, Status).
     probe_refit_epochs: int = 0
 
+    def __post_init__(self) -> None:
+        _check_section("train", self)
+
 
 @dataclass
 class Config:
@@ -105,6 +133,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cocostuff27": {
@@ -149,6 +182,136 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# --- validation ---------------------------------------------------------------------------------
+
+#: The fields of a fixed set of values, key -> the values (``None`` allowed where the field is optional).
+#: ``train.device`` also takes ``cuda:N``; ``data.train_crop`` / ``data.val_crop`` are further
+#: limited by the dataset (:func:`hpkit.pipeline.datasets.crops`).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("synthetic", "folder", "cocostuff27", "cityscapes27", "potsdam3"),
+    "data.train_crop": ("center", "random"),
+    "data.val_crop": ("center", "whole"),
+    "model.backbone": (*BACKBONES, "auto"),
+    "loss.style": ("paper", "official"),
+    "loss.propagation": ("gradient", "loss"),
+    "loss.matmul_dtype": ("bfloat16", "float16", "float32", "float64"),
+    "train.device": ("auto", "cpu", "cuda", "cuda:N", "mps"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+}
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _positive() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > 0), "> 0"
+
+
+def _unit(closed_right: bool = True) -> tuple[Callable[[Any], bool], str]:
+    if closed_right:
+        return (lambda v: 0 <= v <= 1), "in [0, 1]"
+    return (lambda v: 0 <= v < 1), "in [0, 1)"
+
+
+#: Numeric fields, key -> (test, the range in words). NaN fails every test; infinities are refused
+#: except for ``optim.grad_clip`` (``inf``: no clipping). ``None`` passes where the field is optional.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.image_size": _at_least(1), "data.val_size": _at_least(1),
+    "data.num_train": _at_least(1), "data.num_val": _at_least(1),
+    "data.batch_size": _at_least(1), "data.num_workers": _at_least(0),
+    "model.dim": _at_least(1), "model.num_clusters": _at_least(2),
+    "model.dropout": _unit(closed_right=False), "model.ema_momentum": _unit(),
+    "loss.tau": _positive(), "loss.rho": _unit(), "loss.alpha": _at_least(0),
+    "loss.pool_size": _at_least(1), "loss.renew_interval": _at_least(1), "loss.warmup": _at_least(0),
+    "loss.sigma": _positive(),
+    "optim.lr": _positive(), "optim.weight_decay": _at_least(0), "optim.projection_lr": _positive(),
+    "optim.linear_lr": _positive(), "optim.cluster_lr": _positive(), "optim.grad_clip": _positive(),
+    "train.epochs": _at_least(1), "train.seed": _at_least(0), "train.val_every": _at_least(0),
+    "train.val_images": _at_least(1), "train.probe_refit_epochs": _at_least(0),
+}
+_INFINITE_OK = {"optim.grad_clip"}
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _bad(key: str, value: Any, reason: str) -> ValueError:
+    return ValueError(f"bad value {value!r} for {key}: {reason}")
+
+
+def _one_of(key: str, value: str, choices: Iterable[str], optional: bool) -> ValueError:
+    choices = list(choices)
+    close = difflib.get_close_matches(value, [c for c in choices if c != "cuda:N"], n=1, cutoff=0.6)
+    if key == "train.device" and value.startswith("cuda:"):
+        close = ["cuda:0"]  # cuda:N means a GPU index
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    listed = ", ".join(choices) + (" or none" if optional else "")
+    return _bad(key, value, f"{hint}choose one of {listed}")
+
+
+def _check_field(key: str, value: Any, annotation: str) -> None:
+    kinds = [part.strip() for part in annotation.split("|")]
+    optional = "None" in kinds
+    if value is None:
+        if not optional:
+            raise _bad(key, value, "this field cannot be None")
+        return
+    kind = next((k for k in kinds if k in _TYPES), None)
+    if kind is not None:
+        ok = isinstance(value, bool) if kind == "bool" else (
+            isinstance(value, (int, float) if kind == "float" else _TYPES[kind]) and not isinstance(value, bool))
+        if not ok:
+            raise _bad(key, value, f"expected {kind}{' or None' if optional else ''}, got {type(value).__name__}")
+    if key in CHOICES:
+        choices = CHOICES[key]
+        if key == "train.device" and re.fullmatch(r"cuda:\d+", value):
+            return
+        if value not in choices or value == "cuda:N":
+            raise _one_of(key, value, choices, optional)
+    if key in RANGES:
+        test, words = RANGES[key]
+        if isinstance(value, float) and not math.isfinite(value) and not (key in _INFINITE_OK and value > 0):
+            raise _bad(key, value, f"must be a finite number {words}")
+        if not test(value):
+            raise _bad(key, value, f"must be {words}{' (or none)' if optional else ''}")
+
+
+def _check_section(section: str, obj: Any) -> None:
+    """Types, choices and ranges of one section's fields, then the rules between them."""
+    for name, f in _fields(obj).items():
+        _check_field(f"{section}.{name}", getattr(obj, name), str(f.type))
+    if section == "loss" and obj.propagation == "loss" and obj.style != "paper" and obj.lhp \
+            and not obj.plain_contrastive:
+        raise _bad("loss.propagation", obj.propagation,
+                   f"loss propagation (Table 5) is not part of the official code: use loss.style=paper with it, "
+                   f"or loss.propagation=gradient with loss.style={obj.style}")
+    if section == "data":
+        from hpkit.pipeline.datasets import crops  # train_crop / val_crop per dataset (the rule lives there)
+
+        crops(SimpleNamespace(data=obj))  # it reads only cfg.data
+    if section == "train" and obj.amp == "fp16" and obj.device in ("cpu", "mps"):
+        raise _bad("train.amp", obj.amp, f"train.amp=fp16 needs CUDA; use train.amp=bf16 or off with "
+                                         f"train.device={obj.device}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field of ``cfg`` (types, choices, ranges and the rules between fields) and return it.
+
+    Called by ``Config(...)``, :func:`override`, :func:`get_config` and :func:`from_dict`; call it
+    yourself after changing fields in place (``cfg.loss.tau = ...``).
+
+    Raises:
+        ValueError: one line naming the key, the bad value and the valid choices or range (with
+            "did you mean ...?" for a near miss of a choice).
+    """
+    _check_field("name", cfg.name, "str")
+    for section, kind in _SECTIONS.items():
+        value = getattr(cfg, section)
+        if not isinstance(value, kind):
+            raise _bad(section, value, f"expected a {kind.__name__}, got {type(value).__name__}")
+        _check_section(section, value)
+    return cfg
+
+
 def _fields(obj) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 
@@ -185,7 +348,9 @@ def override(cfg: Config, changes: Mapping[str, Any] | Iterable[str]) -> Config:
             to the field's type; ``none`` sets an optional field to None).
 
     Raises:
-        ValueError: unknown key (the message lists the valid ones) or a value of the wrong type.
+        ValueError: unknown key (the message lists the valid ones), a value of the wrong type, or a
+            configuration that :func:`validate` refuses (checked once all changes are applied, so
+            fields that depend on each other can change together).
     """
     cfg = copy.deepcopy(cfg)
     items = changes.items() if isinstance(changes, Mapping) else [_split(c) for c in changes]
@@ -199,6 +364,8 @@ def override(cfg: Config, changes: Mapping[str, Any] | Iterable[str]) -> Config:
             raise ValueError(f"unknown config key {key!r}; {hint}valid keys: {', '.join(_keys(cfg))}")
         current = getattr(target, name)
         annotation = str(_fields(target)[name].type)
+        if isinstance(value, os.PathLike) and "str" in annotation:  # data.root=Path(...): stored as text
+            value = os.fspath(value)
         try:
             if isinstance(value, str) and annotation != "str":
                 value = _parse(value, current, annotation)
@@ -213,7 +380,7 @@ def override(cfg: Config, changes: Mapping[str, Any] | Iterable[str]) -> Config:
         except (TypeError, ValueError) as err:
             raise ValueError(f"bad value {value!r} for {key}: {err}") from None
         setattr(target, name, value)
-    return cfg
+    return validate(cfg)
 
 
 def _split(text: str) -> tuple[str, str]:
@@ -226,7 +393,9 @@ def _split(text: str) -> tuple[str, str]:
 def get_config(preset: str = "demo", overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
     """The configuration of a preset (``cocostuff27``, ``cityscapes27``, ``potsdam3``, ``demo``) plus overrides."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        close = difflib.get_close_matches(preset, PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown preset {preset!r}; {hint}choose one of {sorted(PRESETS)}")
     cfg = override(Config(name=preset), PRESETS[preset])
     return override(cfg, overrides)
 

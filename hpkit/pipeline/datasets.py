@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from hpkit.pipeline.config import Config
+from hpkit.pipeline.config import CHOICES, Config
 from hpkit.data.folder import ImageFolder, FolderLayout, scan_folder
 from hpkit.data.synthetic import SyntheticScenes
 
 __all__ = ["build_dataset", "DATASET_NAMES", "crops", "UNLABELLED_CLUSTERS"]
 
-DATASET_NAMES = ("synthetic", "folder", "cocostuff27", "cityscapes27", "potsdam3")
+DATASET_NAMES = tuple(CHOICES["data.dataset"])
 #: the cluster probe's K for data without labels when ``model.num_clusters`` is not set
 UNLABELLED_CLUSTERS = 8
 

@@ -192,8 +192,6 @@ def prepare_data(cfg: Config, *, validate: bool = True) -> tuple[Dataset, Datase
         k = n_classes or UNLABELLED_CLUSTERS
         if not n_classes:
             notes.append(f"no labels: the cluster probe finds {k} clusters (set model.num_clusters=K for another K)")
-    elif k < 2:
-        raise ValueError(f"model.num_clusters={k}: use 2 or more clusters")
     elif k < n_classes:
         raise ValueError(f"model.num_clusters={k} is below the {n_classes} classes: clusters are matched one-to-one "
                          f"to classes, so use model.num_clusters={n_classes} or more (or none)")
