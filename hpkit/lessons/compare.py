@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from torch.utils.data import DataLoader, Subset
 
+from hpkit._util import to_uint8
+from hpkit.pipeline.evaluate import feature_batches
 from hpkit.pipeline.checkpoint import load_run
 from hpkit.pipeline.crf import crf_available, crf_batch
 from hpkit.pipeline.datasets import build_dataset
@@ -92,9 +93,7 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
         raise IndexError(f"validation indices {bad} out of range (the split has {len(data)} images)")
 
     def forward(subset: list[int]):
-        for images, labels in DataLoader(Subset(data, subset), batch_size=batch_size):
-            images = images.to(device)
-            feats = run.backbone(images, attention=False).feats
+        for images, labels, feats, _ in feature_batches(run.backbone, data, subset, batch_size=batch_size, device=device):
             s = F.interpolate(run.head(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
             yield images.cpu(), labels, feats.cpu(), run.cluster(s).cpu()
 
@@ -130,7 +129,7 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
         colors = default_colors(k)
     return Examples(
         indices=indices,
-        images=(images.permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8),
+        images=to_uint8(images),
         labels=labels.numpy().astype(np.int64),
         predictions=predictions,
         class_names=names,

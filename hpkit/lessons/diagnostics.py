@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from hpkit.pipeline.evaluate import feature_batches
 from hpkit.backbones.vit import FrozenViT
 from hpkit.lessons.positives import patch_labels, positives_vs_pool_size  # noqa: F401 - patch_labels is public here too
 from hpkit.method.heads import to_rows
@@ -32,10 +33,8 @@ __all__ = ["extract", "patch_labels", "linear_probe_miou", "kmeans_miou", "atten
 def extract(backbone: FrozenViT, data: Dataset, *, max_images: int | None = None, batch_size: int = 16,
             attention: bool = False) -> dict[str, Tensor]:
     """Frozen features of a dataset: ``feats`` (B, C, h, w), ``labels`` (B, H, W), ``attn`` (B, heads, P, P)."""
-    count = len(data) if max_images is None else min(max_images, len(data))
     out: dict[str, list[Tensor]] = {"feats": [], "labels": [], "attn": []}
-    for images, labels in DataLoader(torch.utils.data.Subset(data, range(count)), batch_size=batch_size):
-        feats, attn = backbone(images.to(backbone.mean.device), attention=attention)
+    for _, labels, feats, attn in feature_batches(backbone, data, max_images, batch_size=batch_size, attention=attention):
         out["feats"].append(feats)
         out["labels"].append(labels.to(feats.device))
         if attention:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from hpkit.pipeline.evaluate import feature_batches
 from hpkit._util import to_uint8
 from hpkit.method.global_positives import criterion, positive_mask
 from hpkit.method.pools import sample_patches
@@ -232,10 +233,6 @@ class PatchPool:
         return F.normalize(self.bank.float(), dim=1)
 
 
-def _device(backbone) -> torch.device:
-    return next(iter(backbone.buffers()), torch.empty(0)).device
-
-
 @torch.no_grad()
 def batch_features(backbone, data: Dataset, count: int, *, start: int = 0,
                    batch_size: int = 16) -> dict[str, Tensor]:
@@ -247,14 +244,11 @@ def batch_features(backbone, data: Dataset, count: int, *, start: int = 0,
     if start + count > len(data):
         raise ValueError(f"asked for images {start}..{start + count - 1} but the dataset has {len(data)}: "
                          "lower the count")
-    device = _device(backbone)
     out: dict[str, list[Tensor]] = {"images": [], "labels": [], "feats": []}
-    for first in range(start, start + count, batch_size):
-        items = [data[i] for i in range(first, min(first + batch_size, start + count))]
-        images = torch.stack([it[0] for it in items])
-        out["images"].append(images)
-        out["labels"].append(torch.stack([it[1] for it in items]))
-        out["feats"].append(backbone(images.to(device), attention=False)[0].float().cpu())
+    for images, labels, feats, _ in feature_batches(backbone, data, range(start, start + count), batch_size=batch_size):
+        out["images"].append(images.cpu())
+        out["labels"].append(labels)
+        out["feats"].append(feats.float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -269,17 +263,14 @@ def sample_pool(backbone, data: Dataset, size: int, *, generator: torch.Generato
     """
     if size > len(data):
         raise ValueError(f"pool size M={size} is larger than the {len(data)} images of the dataset: lower M")
-    device = _device(backbone)
     rows, positions, labels, crops = [], [], [], []
     grid = (0, 0)
-    for first in range(0, size, batch_size):
-        items = [data[i] for i in range(first, min(first + batch_size, size))]
-        images = torch.stack([it[0] for it in items])
-        feats = backbone(images.to(device), attention=False)[0].float().cpu()
+    for images, batch_labels, feats, _ in feature_batches(backbone, data, size, batch_size=batch_size):
+        images, feats = images.cpu(), feats.float().cpu()
         grid = tuple(feats.shape[-2:])
         bank = sample_patches(feats, generator=generator)
         pos = locate_patches(feats, bank)
-        lab = patch_labels(torch.stack([it[1] for it in items]), grid).flatten(1)
+        lab = patch_labels(batch_labels, grid).flatten(1)
         rows.append(bank)
         positions.append(pos)
         labels.append(lab.gather(1, pos[:, None])[:, 0])

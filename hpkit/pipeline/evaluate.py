@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe, LinearProbe
 #: the k-means baseline is fitted on at most this many patch rows (a seeded random subset)
 KMEANS_MAX_ROWS = 100_000
 
-__all__ = ["evaluate", "score", "cluster_sizes", "batches", "has_labels", "KMEANS_MAX_ROWS"]
+__all__ = ["evaluate", "score", "cluster_sizes", "batches", "feature_batches", "has_labels", "KMEANS_MAX_ROWS"]
 
 
 def _summary(confusion: torch.Tensor, match: bool, names) -> dict:
@@ -48,22 +48,39 @@ def _summary(confusion: torch.Tensor, match: bool, names) -> dict:
             "mapping": m["mapping"], "confusion": m["confusion"].tolist()}
 
 
-def batches(data: Dataset, count: int | None = None, batch_size: int = 8, *, progress: bool = False,
-            desc: str = "evaluation") -> Iterator[tuple[Tensor, Tensor]]:
-    """``(images (B, 3, H, W), labels (B, H, W))`` of the first ``count`` items, in order.
+def batches(data: Dataset, items: int | Sequence[int] | None = None, batch_size: int = 8, *,
+            progress: bool = False, desc: str = "evaluation") -> Iterator[tuple[Tensor, Tensor]]:
+    """``(images (B, 3, H, W), labels (B, H, W))`` of the first ``items`` items (or of these indices), in order.
 
     Consecutive items of the same size share a batch (at most ``batch_size``), so datasets of
     photos at their own aspect ratio (``crop="whole"``) go through one item or one size at a time.
     """
-    count = len(data) if count is None else min(count, len(data))
-    loader = DataLoader(Subset(data, range(count)), batch_size=batch_size, collate_fn=list)
-    for items in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+    if items is None or isinstance(items, int):
+        items = range(len(data) if items is None else min(items, len(data)))
+    loader = DataLoader(Subset(data, list(items)), batch_size=batch_size, collate_fn=list)
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         start = 0
-        for i in range(1, len(items) + 1):
-            if i == len(items) or items[i][0].shape != items[start][0].shape:
-                group = items[start:i]
+        for i in range(1, len(batch) + 1):
+            if i == len(batch) or batch[i][0].shape != batch[start][0].shape:
+                group = batch[start:i]
                 yield torch.stack([x for x, _ in group]), torch.stack([y for _, y in group])
                 start = i
+
+
+@torch.no_grad()
+def feature_batches(backbone: FrozenViT, data: Dataset, items: int | Sequence[int] | None = None, *,
+                    batch_size: int = 8, attention: bool = False, device: str | torch.device | None = None,
+                    progress: bool = False, desc: str = "features") -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+    """The frozen backbone over a dataset, batch by batch (:func:`batches`): ``(images (B, 3, H, W) on
+    ``device``, labels (B, H, W) on the CPU, feats (B, C, h, w), attn (B, heads, P, P) or None)``.
+
+    ``device`` defaults to the backbone's. The one pass every evaluation, lesson and diagnostic uses.
+    """
+    device = backbone.mean.device if device is None else device
+    for images, labels in batches(data, items, batch_size, progress=progress, desc=desc):
+        images = images.to(device)
+        feats, attn = backbone(images, attention=attention)
+        yield images, labels, feats, attn
 
 
 @torch.no_grad()
@@ -104,9 +121,9 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
     keys = ["cluster", "linear"] + (["cluster_crf", "linear_crf"] if crf else [])
     confusion = {key: torch.zeros(rows[key], n_classes, dtype=torch.long) for key in keys}
     kept = []  # (backbone features, labels) per batch, for the k-means baseline
-    for images, labels in batches(data, count, batch_size, progress=progress, desc="evaluation"):
-        images, labels = images.to(device), labels.to(device)
-        feats = backbone(images, attention=False).feats
+    for images, labels, feats, _ in feature_batches(backbone, data, count, batch_size=batch_size, device=device,
+                                                    progress=progress, desc="evaluation"):
+        labels = labels.to(device)
         s = F.interpolate(head(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         cluster_scores, linear_logits = cluster(s), linear(s)
         confusion["cluster"] += confusion_matrix(cluster_scores.argmax(1), labels, k, n_classes).cpu()
@@ -154,10 +171,9 @@ def cluster_sizes(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterP
     was_training = head.training
     head.eval()
     pixels, present, count = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long), 0
-    for images, _ in batches(data, max_images, batch_size, progress=progress, desc="clusters"):
-        images = images.to(device)
-        s = F.interpolate(head(backbone(images, attention=False).feats), size=images.shape[-2:], mode="bilinear",
-                          align_corners=False)
+    for images, _, feats, _ in feature_batches(backbone, data, max_images, batch_size=batch_size, device=device,
+                                               progress=progress, desc="clusters"):
+        s = F.interpolate(head(feats), size=images.shape[-2:], mode="bilinear", align_corners=False)
         ids = cluster(s).argmax(1).cpu()
         pixels += torch.bincount(ids.flatten(), minlength=k)
         present += torch.stack([torch.bincount(m.flatten(), minlength=k) > 0 for m in ids]).sum(0)
