@@ -1,5 +1,5 @@
 """Small helpers every layer shares: seeded generators, the device, autocast, atomic writes, Ctrl-C,
-images as uint8 and peak memory. No hpkit imports: this module sits below all the layers."""
+images as uint8 and memory in use / at peak. No hpkit imports: this module sits below all the layers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = ["generator", "sequence_generator", "resolve_device", "autocast", "atomic_write", "deferred_sigint",
-           "to_uint8", "peak_memory_mb"]
+           "to_uint8", "memory_in_use_mb", "reset_peak_memory", "peak_memory_mb"]
 
 
 def generator(*keys: int) -> torch.Generator:
@@ -112,9 +112,33 @@ def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def memory_in_use_mb(device: torch.device | str = "cpu") -> float:
+    """Memory in use now, in MiB: ``torch.cuda.memory_allocated`` on CUDA, the resident set on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # no /proc: the best available is the peak
+        return peak_memory_mb(device)
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+    """Start a new peak: ``torch.cuda.reset_peak_memory_stats`` on CUDA; on Linux the kernel's peak-RSS
+    mark (VmHWM, reset through ``/proc/self/clear_refs``); elsewhere nothing (the lifetime peak stays)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak memory so far in MiB: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak
-    resident set (VmHWM from /proc, else ``ru_maxrss``) on the CPU."""
+    """Peak memory since the last :func:`reset_peak_memory`, in MiB: ``torch.cuda.max_memory_allocated``
+    on CUDA, the peak resident set (VmHWM; ``ru_maxrss`` without /proc) on the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

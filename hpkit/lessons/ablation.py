@@ -12,7 +12,7 @@
   :func:`plot_table4`, :func:`plot_sweep` and :func:`plot_costs` show them.
 - :func:`step_cost` measures the time and peak memory of training steps in a fresh subprocess (so the
   peak belongs to that one run): on CUDA ``torch.cuda.max_memory_allocated`` over the run, on the CPU
-  the peak growth of the process's resident set size during training (sampled every 2 ms).
+  the growth of the process's peak resident set size during training.
 
 Row (g) of Table 4 ("Eq. 1 with PiCIE's photometric perturbations") is hpkit's ``plain_contrastive``:
 Eq. 1 between the clean view and the photometric view that the regulariser uses (no GHP, no LHP,
@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from hpkit.pipeline.config import Config, dumps, override, to_dict
+from hpkit._util import memory_in_use_mb, peak_memory_mb, reset_peak_memory, resolve_device
+from hpkit.pipeline.config import Config, dumps, from_dict, override, to_dict
+from hpkit.pipeline.train import train
 from hpkit.lessons.workspace import resolved_backbone, trained_run, workspace_dir
 
 __all__ = ["AblationRow", "TABLE4", "TABLE5", "PAPER_COST_RATIO", "PAPER_CLAIMS", "METRICS", "table4_specs",
@@ -334,53 +337,21 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]
     return "\n".join(lines)
 
 
-_COST_SCRIPT = r"""
-import json, os, resource, sys, tempfile, threading
-import torch
-from hpkit.pipeline.config import from_dict
-from hpkit.pipeline.train import train
-
-job = json.loads(sys.stdin.read())
-cfg = from_dict(job["config"])
-cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
-page = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss():  # current resident set size in bytes (Linux /proc; None elsewhere)
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-    except OSError:
-        return None
+def _measure_cost() -> None:
+    """Run in a fresh process by :func:`step_cost`: read ``{"config", "steps"}`` from stdin, train, and print
+    one ``HPKIT_COST {json}`` line with the per-step seconds and the memory before and at peak (MiB)."""
+    job = json.loads(sys.stdin.read())
+    cfg = from_dict(job["config"])
+    device = resolve_device(cfg.train.device)
+    reset_peak_memory(device)
+    before = memory_in_use_mb(device)
+    with tempfile.TemporaryDirectory() as out:
+        result = train(cfg, out, max_steps=job["steps"], progress=False)
+    report = {"seconds": [h["seconds"] for h in result["history"]], "before_mb": before,
+              "peak_mb": peak_memory_mb(device), "device": device.type}
+    print("HPKIT_COST " + json.dumps(report))
 
 
-start_rss, peak, done = rss(), [rss() or 0], threading.Event()
-
-
-def sample():  # torch releases the GIL in its kernels, so this sees the peaks inside a step
-    while not done.wait(0.002):
-        peak[0] = max(peak[0], rss() or 0)
-
-
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
-if cuda:
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-with tempfile.TemporaryDirectory() as out:
-    result = train(cfg, out, max_steps=job["steps"], progress=False)
-done.set()
-sampler.join()
-report = {"seconds": [h["seconds"] for h in result["history"]]}
-if start_rss is not None:
-    report.update(rss_before_mb=start_rss / 2**20, rss_peak_mb=peak[0] / 2**20)
-else:  # no /proc: the process's lifetime peak (ru_maxrss: KiB on Linux, bytes on macOS)
-    scale = 1 if sys.platform == "darwin" else 1024
-    report.update(rss_before_mb=0.0, rss_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20)
-if cuda:
-    report["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-print("HPKIT_COST " + json.dumps(report))
-"""
 
 
 def step_cost(cfg: Config, *, steps: int = 8, workspace: str | Path | None = None, timeout: float = 900) -> dict:
@@ -392,11 +363,10 @@ def step_cost(cfg: Config, *, steps: int = 8, workspace: str | Path | None = Non
     - on CUDA, ``memory_mb`` = ``torch.cuda.max_memory_allocated`` during training minus what was
       allocated before (backbone, heads, pools, activations, optimiser states; not the allocator's
       cache), ``memory_kind = "cuda_max_allocated"``;
-    - on the CPU, ``memory_mb`` = the peak of the process's resident set size during training (sampled
-      every 2 ms from ``/proc/self/statm`` by a thread) minus its size just before (after importing
-      torch): everything training touched, backbone, data and patch bank included,
-      ``memory_kind = "cpu_peak_rss_growth"``. A coarse measure: sampling can miss short peaks, the
-      allocator may keep freed memory, and the fixed part dilutes a ratio between two objectives.
+    - on the CPU, ``memory_mb`` = the kernel's peak resident set during training (VmHWM, reset just
+      before) minus the resident set just before (after importing torch): everything training touched,
+      backbone, data and patch bank included, ``memory_kind = "cpu_peak_rss_growth"``. A coarse measure:
+      the allocator may keep freed memory, and the fixed part dilutes a ratio between two objectives.
 
     Validation is switched off (``train.val_every=0``). The result is cached as JSON in
     ``<workspace>/costs/`` keyed by the configuration, backbone and ``steps``.
@@ -410,17 +380,16 @@ def step_cost(cfg: Config, *, steps: int = 8, workspace: str | Path | None = Non
         return json.loads(path.read_text())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _COST_SCRIPT], input=json.dumps({"config": to_dict(cfg),
+    proc = subprocess.run([sys.executable, "-c", "from hpkit.lessons.ablation import _measure_cost; _measure_cost()"], input=json.dumps({"config": to_dict(cfg),
                           "steps": steps}), capture_output=True, text=True, timeout=timeout, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("HPKIT_COST ")), None)
     if proc.returncode or line is None:
         raise RuntimeError(f"the cost measurement failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     raw = json.loads(line.split(" ", 1)[1])
-    cuda = "cuda_peak_mb" in raw
-    out = {"steps": steps, "seconds_per_step": _median(raw["seconds"][1:]),
-           "memory_mb": raw["cuda_peak_mb"] if cuda else raw["rss_peak_mb"] - raw["rss_before_mb"],
+    cuda = raw["device"] == "cuda"
+    out = {"steps": steps, "seconds_per_step": _median(raw["seconds"][1:]), "memory_mb": raw["peak_mb"] - raw["before_mb"],
            "memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss_growth",
-           "rss_peak_mb": raw["rss_peak_mb"], "device": "cuda" if cuda else "cpu"}
+           "peak_mb": raw["peak_mb"], "device": raw["device"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return out

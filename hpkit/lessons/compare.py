@@ -121,7 +121,7 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
         predictions[KMEANS] = _named(kmeans_scores(feats_shown, labels.shape[-2:]).argmax(1), mapping[KMEANS])
         predictions[HP] = _named(scores.argmax(1), mapping[HP])
         if crf and crf_available():
-            predictions[HP_CRF] = _named(crf_batch(images, 2.0 * scores, workers=1), mapping[HP])
+            predictions[HP_CRF] = _named(crf_batch(images, ClusterProbe.crf_logits(scores), workers=1), mapping[HP])
     colors = getattr(data, "colors", None)
     if colors is None:
         from hpkit.lessons.plots import default_colors

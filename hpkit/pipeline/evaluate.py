@@ -129,7 +129,7 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
         confusion["cluster"] += confusion_matrix(cluster_scores.argmax(1), labels, k, n_classes).cpu()
         confusion["linear"] += confusion_matrix(linear_logits.argmax(1), labels, n_classes, n_classes).cpu()
         if crf:
-            confusion["cluster_crf"] += confusion_matrix(crf_batch(images.cpu(), 2.0 * cluster_scores.cpu()),
+            confusion["cluster_crf"] += confusion_matrix(crf_batch(images.cpu(), ClusterProbe.crf_logits(cluster_scores.cpu())),
                                                          labels.cpu(), k, n_classes)
             confusion["linear_crf"] += confusion_matrix(crf_batch(images.cpu(), linear_logits.cpu()),
                                                         labels.cpu(), n_classes, n_classes)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from hpkit.pipeline.checkpoint import TrainedRun, load_run
 from hpkit.pipeline.crf import dense_crf
+from hpkit.pipeline.probes import ClusterProbe
 from hpkit.data.folder import default_colors, load_rgb, resize_shorter
 
 __all__ = ["segment", "Segmentation", "MAX_PIXELS", "save_label_png"]
@@ -100,7 +101,7 @@ def segment(image: str | Path | Image.Image | np.ndarray, run_dir: str | Path | 
     if crf:
         shown = pil if shrink == 1.0 else pil.resize((out_w, out_h), Image.BILINEAR)
         full = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 255).permute(2, 0, 1)
-        ids = dense_crf(full, 2.0 * scores.cpu()).argmax(0)
+        ids = dense_crf(full, ClusterProbe.crf_logits(scores.cpu())).argmax(0)
     else:
         ids = scores.argmax(0).cpu()
     if shrink < 1.0:
