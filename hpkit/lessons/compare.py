@@ -17,17 +17,17 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from hpkit._util import to_uint8
-from hpkit.pipeline.evaluate import feature_batches
+from hpkit.data.folder import default_colors
+from hpkit.pipeline.evaluate import feature_batches, kmeans_baseline, upsampled
 from hpkit.pipeline.checkpoint import load_run
 from hpkit.pipeline.crf import crf_available, crf_batch
 from hpkit.pipeline.datasets import build_dataset
 from hpkit.method.heads import to_rows
 from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
-from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe
+from hpkit.pipeline.probes import ClusterProbe
 
 __all__ = ["Examples", "example_segmentations", "metrics_table", "format_table", "plot_runs",
            "KMEANS", "HP", "HP_CRF"]
@@ -94,19 +94,15 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
 
     def forward(subset: list[int]):
         for images, labels, feats, _ in feature_batches(run.backbone, data, subset, batch_size=batch_size, device=device):
-            s = F.interpolate(run.head(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            yield images.cpu(), labels, feats.cpu(), run.cluster(s).cpu()
+            yield images.cpu(), labels, feats.cpu(), run.cluster(upsampled(run.head, feats, labels.shape[-2:])).cpu()
 
     fit = list(forward(list(range(count))))
     feats = torch.cat([f for _, _, f, _ in fit])
-    kmeans = ClusterProbe.from_kmeans(to_rows(feats), k, seed=run.cfg.train.seed, restarts=KMEANS_RESTARTS)
-
-    def kmeans_scores(f: torch.Tensor, size) -> torch.Tensor:
-        return F.interpolate(kmeans(f), size=size, mode="bilinear", align_corners=False)
+    kmeans = kmeans_baseline(to_rows(feats), k, seed=run.cfg.train.seed)
 
     confusion = {KMEANS: torch.zeros(k, k, dtype=torch.long), HP: torch.zeros(k, k, dtype=torch.long)}
     for _, labels, f, scores in fit:
-        confusion[KMEANS] += confusion_matrix(kmeans_scores(f, labels.shape[-2:]).argmax(1), labels, k, k)
+        confusion[KMEANS] += confusion_matrix(upsampled(kmeans, f, labels.shape[-2:]).argmax(1), labels, k, k)
         confusion[HP] += confusion_matrix(scores.argmax(1), labels, k, k)
     metrics = {m: segmentation_metrics(c, match=True, class_names=names) for m, c in confusion.items()}
     mapping = {m: metrics[m]["mapping"] for m in metrics}
@@ -118,15 +114,12 @@ def example_segmentations(run_dir: str | Path, indices: Sequence[int], *, fit_im
     if shown:
         feats_shown = torch.cat([f for _, _, f, _ in shown])
         scores = torch.cat([s for _, _, _, s in shown])
-        predictions[KMEANS] = _named(kmeans_scores(feats_shown, labels.shape[-2:]).argmax(1), mapping[KMEANS])
+        predictions[KMEANS] = _named(upsampled(kmeans, feats_shown, labels.shape[-2:]).argmax(1), mapping[KMEANS])
         predictions[HP] = _named(scores.argmax(1), mapping[HP])
         if crf and crf_available():
             predictions[HP_CRF] = _named(crf_batch(images, ClusterProbe.crf_logits(scores), workers=1), mapping[HP])
     colors = getattr(data, "colors", None)
-    if colors is None:
-        from hpkit.lessons.plots import default_colors
-
-        colors = default_colors(k)
+    colors = default_colors(k) if colors is None else colors
     return Examples(
         indices=indices,
         images=to_uint8(images),

@@ -39,7 +39,7 @@ from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe, LinearProbe
 #: the k-means baseline is fitted on at most this many patch rows (a seeded random subset)
 KMEANS_MAX_ROWS = 100_000
 
-__all__ = ["evaluate", "score", "cluster_sizes", "batches", "feature_batches", "has_labels", "KMEANS_MAX_ROWS"]
+__all__ = ["evaluate", "score", "cluster_sizes", "batches", "feature_batches", "kmeans_baseline", "upsampled", "has_labels", "KMEANS_MAX_ROWS"]
 
 
 def _summary(confusion: torch.Tensor, match: bool, names) -> dict:
@@ -83,6 +83,21 @@ def feature_batches(backbone: FrozenViT, data: Dataset, items: int | Sequence[in
         yield images, labels, feats, attn
 
 
+def upsampled(scorer: torch.nn.Module, feats: Tensor, size: tuple[int, int]) -> Tensor:
+    """``scorer(feats)`` (the head S, or a k-means probe on backbone features) bilinearly upsampled to
+    ``size``: (B, C, h, w) -> (B, D, *size). Every evaluation scores pixels this way."""
+    return F.interpolate(scorer(feats), size=size, mode="bilinear", align_corners=False)
+
+
+def kmeans_baseline(rows: Tensor, k: int, *, seed: int = 0, restarts: int = KMEANS_RESTARTS,
+                    progress: bool = False) -> ClusterProbe:
+    """The k-means baseline on (N, C) backbone patch rows: the best of ``restarts`` runs by inertia, fitted
+    on at most ``KMEANS_MAX_ROWS`` rows (a random subset seeded by ``seed``), as a probe that assigns any patch."""
+    if rows.shape[0] > KMEANS_MAX_ROWS:
+        rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:KMEANS_MAX_ROWS]]
+    return ClusterProbe.from_kmeans(rows, k, seed=seed, restarts=restarts, progress=progress)
+
+
 @torch.no_grad()
 def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, linear: LinearProbe, data: Dataset, *,
           crf: bool = False, kmeans: bool = True, max_images: int | None = None, batch_size: int = 8,
@@ -124,7 +139,7 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
     for images, labels, feats, _ in feature_batches(backbone, data, count, batch_size=batch_size, device=device,
                                                     progress=progress, desc="evaluation"):
         labels = labels.to(device)
-        s = F.interpolate(head(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        s = upsampled(head, feats, labels.shape[-2:])
         cluster_scores, linear_logits = cluster(s), linear(s)
         confusion["cluster"] += confusion_matrix(cluster_scores.argmax(1), labels, k, n_classes).cpu()
         confusion["linear"] += confusion_matrix(linear_logits.argmax(1), labels, n_classes, n_classes).cpu()
@@ -141,14 +156,11 @@ def score(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterProbe, li
         kmeans = False
         notes.append(f"k-means baseline skipped: fewer patches than the {k} clusters")
     if kmeans:  # the baseline: k-means on the frozen backbone's patch features, scored like the cluster probe
-        all_rows = torch.cat([to_rows(f) for f, _ in kept])
-        if all_rows.shape[0] > KMEANS_MAX_ROWS:
-            pick = torch.randperm(all_rows.shape[0], generator=torch.Generator().manual_seed(seed))[:KMEANS_MAX_ROWS]
-            all_rows = all_rows[pick]
-        baseline = ClusterProbe.from_kmeans(all_rows, k, seed=seed, restarts=kmeans_restarts, progress=progress)
+        baseline = kmeans_baseline(torch.cat([to_rows(f) for f, _ in kept]), k, seed=seed, restarts=kmeans_restarts,
+                                   progress=progress)
         confusion["kmeans_backbone"] = torch.zeros(k, n_classes, dtype=torch.long)
         for feats, labels in kept:
-            scores = F.interpolate(baseline(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            scores = upsampled(baseline, feats, labels.shape[-2:])
             confusion["kmeans_backbone"] += confusion_matrix(scores.argmax(1), labels, k, n_classes)
     result = {key: _summary(v, match=not key.startswith("linear"), names=names) for key, v in confusion.items()}
     result.update({"images": count, "classes": names, "notes": notes})
@@ -173,7 +185,7 @@ def cluster_sizes(backbone: FrozenViT, head: SegmentationHead, cluster: ClusterP
     pixels, present, count = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long), 0
     for images, _, feats, _ in feature_batches(backbone, data, max_images, batch_size=batch_size, device=device,
                                                progress=progress, desc="clusters"):
-        s = F.interpolate(head(feats), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        s = upsampled(head, feats, images.shape[-2:])
         ids = cluster(s).argmax(1).cpu()
         pixels += torch.bincount(ids.flatten(), minlength=k)
         present += torch.stack([torch.bincount(m.flatten(), minlength=k) > 0 for m in ids]).sum(0)
