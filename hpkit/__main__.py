@@ -56,9 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("--url", default=None, help="another mirror of the pre-packaged zip")
     down.add_argument("--check", action="store_true", help="only check the folder's layout, download nothing")
     sub.add_parser("pretrain", add_help=False,
-                   help="pretrain a tiny ViT with DINO (hpkit pretrain --help lists its settings)")
+                   help="pretrain a tiny ViT with DINO, settings as --set FIELD=VALUE (hpkit pretrain --help lists "
+                        "them), or a whole recipe with --recipe NAME")
     sub.add_parser("align-attention", add_help=False,
-                   help="train a backbone's last-block attention to follow its features' cosine affinity")
+                   help="train a backbone's last-block attention to follow its features' cosine affinity "
+                        "(--set FIELD=VALUE; hpkit align-attention --help lists them)")
     photos = sub.add_parser("sample-photos", help="copy the real sample photos that installed packages ship into DIR")
     photos.add_argument("dir", help="folder to create (flat, no labels: train on it with data.dataset=folder)")
     seg = sub.add_parser("segment", help="segment an image with a trained run")
@@ -75,8 +77,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["pretrain"], ["align-attention"]):  # their own parsers: one flag per config field
-        if argv[0] == "pretrain":
+    if argv[:1] in (["pretrain"], ["align-attention"]):  # their own parsers: --set FIELD=VALUE per config field
+        if argv[0] == "pretrain" and any(arg == "--recipe" or arg.startswith("--recipe=") for arg in argv[1:]):
+            from hpkit.backbones.recipe import main as command
+        elif argv[0] == "pretrain":
             from hpkit.backbones.pretrain import main as command
         else:
             from hpkit.backbones.alignment import main as command

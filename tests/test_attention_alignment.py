@@ -88,6 +88,15 @@ def test_align_file_records_its_source_and_loads(tmp_path, capsys):
                 "4", "--num-images", "8", "--image-size", "32", "--lr", "1e-2", "--no-progress"]) == 0
     assert "attention aligned in 4 steps" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli.json").read_text())["final_loss"] == pytest.approx(meta["final_loss"], abs=1e-6)
+    # The --set dialect of `hpkit train` gives the same file; an unknown key is one line with a suggestion.
+    assert cli(["align-attention", str(source), str(tmp_path / "set.safetensors"), "--set", "steps=4", "--set",
+                "batch_size=4", "--set", "num_images=8", "--set", "image_size=32", "--set", "lr=1e-2",
+                "--no-progress"]) == 0
+    assert json.loads((tmp_path / "set.json").read_text())["final_loss"] == pytest.approx(meta["final_loss"], abs=1e-6)
+    capsys.readouterr()
+    assert cli(["align-attention", str(source), str(tmp_path / "typo.safetensors"), "--set", "temprature=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'temperature'?" in err and not (tmp_path / "typo.json").exists()
     assert cli(["align-attention", str(tmp_path / "missing.safetensors"), str(tmp_path / "x.safetensors")]) == 2
     assert "is not a .safetensors backbone file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="temperature and lr must be > 0"):

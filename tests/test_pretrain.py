@@ -5,6 +5,8 @@ import hashlib
 import json
 import math
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -472,7 +474,7 @@ def test_tiny_run_resumes_exactly_also_after_ctrl_c(tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hpkit.backbones.pretrain, "dino_loss", interrupted_loss)
+    monkeypatch.setattr(hpkit.backbones.pretrain.objectives, "dino_loss", interrupted_loss)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, tmp_path / "ctrl_c", max_steps=4, progress=False)
     monkeypatch.undo()
@@ -515,7 +517,7 @@ def test_checkpoints_are_atomic_and_nan_stops_at_the_step(tmp_path, monkeypatch)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 1 else loss
 
-    monkeypatch.setattr(hpkit.backbones.pretrain, "dino_loss", nan_at_step_3)
+    monkeypatch.setattr(hpkit.backbones.pretrain.objectives, "dino_loss", nan_at_step_3)
     with pytest.raises(PretrainingDiverged, match="at step 2 "):
         pretrain(cfg, tmp_path, max_steps=4, progress=False, resume=True)
     assert (tmp_path / CHECKPOINT).read_bytes() == good
@@ -575,3 +577,29 @@ def test_cli_pretrain_runs_and_exports(tmp_path, capsys):
     assert main(["pretrain", str(tmp_path / "run"), *args, "--max-steps=1", "--no-progress", f"--export={out}"]) == 0
     assert out.is_file() and "1 steps" in capsys.readouterr().out
     assert main(["pretrain", str(tmp_path / "bad"), "--num-images=8", "--batch-size=16", "--no-progress"]) == 2
+
+
+def test_cli_pretrain_takes_set_like_hpkit_train(tmp_path, capsys):
+    from hpkit.__main__ import main
+
+    args = [a for k, v in (TINY | {"global_crop_scale": "0.5,1", "amp": "off"}).items() for a in ("--set", f"{k}={v}")]
+    assert main(["pretrain", str(tmp_path / "run"), *args, "--depth", "3", "--set", "depth=1", "--max-steps=2",
+                 "--no-progress"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["global_crop_scale"] == [0.5, 1.0] and saved["amp"] is False and saved["out_dim"] == 64
+    assert saved["depth"] == 1  # --set wins over the older --depth
+    # An unknown key: exit status 2, one line with the closest field, nothing written (the real command).
+    done = subprocess.run([sys.executable, "-m", "hpkit", "pretrain", str(tmp_path / "bad"), "--set",
+                           "dense_objectiv=vicreg"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("hpkit: ") and "did you mean 'dense_objective'?" in done.stderr
+    assert not (tmp_path / "bad").exists()
+    # Values are parsed to the field's type, or rejected in one line.
+    for setting, message in (("lr=fast", "bad value 'fast' for lr"), ("amp=maybe", "expected true or false"),
+                             ("jitter=0.1,0.2", "expected 4 comma-separated numbers"), ("lr", "must look like"),
+                             ("init_weights=none", "batch_size=16 is larger than the 8 images")):  # none: None
+        code = main(["pretrain", str(tmp_path / "bad"), "--set", setting, "--set", "num_images=8", "--set",
+                     "batch_size=16", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, (setting, err)

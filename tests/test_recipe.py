@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import hpkit.backbones.pretrain
+import hpkit.backbones.pretrain.objectives
 import hpkit.backbones.recipe
 from hpkit import load_backbone
 from hpkit.__main__ import main as cli
@@ -139,7 +140,7 @@ def test_recipe_runs_end_to_end_and_resumes_to_the_same_weights(photos, tmp_path
 
     # Ctrl-C in stage 1's third step, then in stage 2's first: each rerun continues where it stopped.
     def watch(name, interrupt_at=None):
-        real, calls = getattr(hpkit.backbones.pretrain, name), []
+        real, calls = getattr(hpkit.backbones.pretrain.objectives, name), []  # where the step looks it up
 
         def wrapped(*args, **kwargs):
             calls.append(1)
@@ -147,7 +148,7 @@ def test_recipe_runs_end_to_end_and_resumes_to_the_same_weights(photos, tmp_path
                 signal.raise_signal(signal.SIGINT)  # the step finishes and is saved
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(hpkit.backbones.pretrain, name, wrapped)
+        monkeypatch.setattr(hpkit.backbones.pretrain.objectives, name, wrapped)
         return calls
 
     split = tmp_path / "split"

@@ -4,7 +4,7 @@ LHP (lesson 03, :mod:`hpkit.local_positives`) picks each patch's local positives
 last-block attention, and the paper's Fig. 1(c) premise is that DINO's attention favours neighbours
 of the anchor's class. DINO gets there after long training on real images. The tiny backbones that
 ``hpkit pretrain`` trains on a CPU in half an hour do not: region-level contrast made their patch
-*features* far better than a random ViT's (README, *Status*), but its last-block attention stayed
+*features* far better than a random ViT's (docs/experiments/hp-tiny.md#region-contrast), but its last-block attention stayed
 unselective (same-class rate 0.747 for neighbours above the row mean, 0.787 below).
 
 This step fixes that without labels, with a target taken from the network's features as they are
@@ -15,10 +15,8 @@ the query and key rows of the last block's ``qkv`` projection learn. The values,
 earlier block stay as they were, so the features change only through the last block's attention
 weights. It is hpkit's addition, not the paper's: with DINO weights, attention needs no such help.
 
-Cost: 100 steps of 32 scenes, about a minute on 2 CPU cores (69 s for the bundled model). Measured
-with ``benchmarks/backbone_quality.py`` (data/README.md, README *Status*): on the bundled model's
-stage 2 the premise went from 0.768 / 0.779 to 0.858 / 0.486; on the region-contrast export alone,
-from 0.747 / 0.787 to 0.874 / 0.551.
+Cost: 100 steps of 32 scenes, about a minute on 2 CPU cores. What it changes, measured with
+``benchmarks/backbone_quality.py``: data/README.md and docs/experiments/hp-tiny.md#attention.
 """
 
 from __future__ import annotations
@@ -37,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hpkit.backbones.pretrain import (add_config_flags, config_from_flags, pretraining_images, read_backbone_metadata,
+                                     save_backbone_file)
 from hpkit.backbones.vit import BACKBONES, FrozenViT, file_sha256, load_backbone
-from hpkit.backbones.pretrain import add_config_flags, config_from_flags, pretraining_images, read_backbone_metadata, save_backbone_file
 
 __all__ = ["AlignConfig", "affinity_targets", "attention_alignment_loss", "align_attention", "align_file", "main"]
 
@@ -166,8 +165,10 @@ def align_file(source: str | Path, out: str | Path, cfg: AlignConfig | None = No
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.backbones.alignment") -> None:
-    """``hpkit align-attention SOURCE.safetensors OUT.safetensors [--steps 100 ...]``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    """``hpkit align-attention SOURCE.safetensors OUT.safetensors [--set steps=100 ...]`` (``--steps 100``
+    works too)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], usage="%(prog)s "
+                                     "SOURCE.safetensors OUT.safetensors [--set FIELD=VALUE ...] [options]")
     parser.add_argument("source", help="a .safetensors backbone (hpkit pretrain --export)")
     parser.add_argument("out", help="the aligned backbone to write (.safetensors)")
     parser.add_argument("--backbone", default="random_tiny", help="architecture to load it into (default random_tiny)")

@@ -21,7 +21,7 @@ The recipe ``hp-tiny`` is the three commands that made the bundled backbone (dat
 ``--minutes M`` first times 3 steps of each stage on one batch of your images (15-30 s here), then
 takes the largest step budget whose predicted time (steps x seconds per step, plus each stage's
 set-up and the image cache) fits in 90 % of what is left of M; the rest covers data loading,
-checkpoints and exports (planned on 100 %, a 1.5-minute budget took 1.8 minutes; on 90 %, 1.35).
+checkpoints and exports (docs/experiments/hp-tiny.md#recipe).
 The step counts are fixed once and written to ``OUT/recipe.json``: a resumed run reads them from
 there and never times again, so it is deterministic.
 
@@ -40,12 +40,9 @@ images, or all images when the folder has fewer.
 ``OUT/images/`` as lossless PNGs of ``--image-size`` pixels, the same pixels, which every stage then
 reads: decoding a 12-megapixel JPEG costs ~0.1 s, 3 s per batch of 32, as much as a training step.
 On a CPU with bfloat16 instructions (``avx512_bf16``/``amx_bf16``) stages 1 and 2 run under bf16
-autocast (``PretrainConfig.amp``; the losses stay float32). On this project's 2-core machine
-(avx512_bf16, no AMX; 2 threads, the card's settings, ``benchmarks/pretrain_amp.py``) a stage-1
-step took 1.12 s against 1.55 s in float32 and a stage-2 step 1.83 s against 2.54 s, and the losses
-stayed within 0.5 % of float32's over 30 and 16 steps. The whole recipe at the card's budget on the synthetic scenes, run on a GPU
-with and without bf16 autocast, matched the bundled file either way (linear-probe mIoU 53.0 and
-52.6, hp-tiny 52.4). On a GPU it stays off (no gain: the steps wait for the CPU's crops).
+autocast (``PretrainConfig.amp``; the losses stay float32); ``benchmarks/pretrain_amp.py`` measures
+the gain. On a GPU it stays off (no gain: the steps wait for the CPU's crops). Measurements, and the
+recipe's reproduction of the bundled file: docs/experiments/hp-tiny.md#recipe.
 ``--amp on|off`` overrides. Neither stage computes DINO's head: with ``dino_weight=0``, ``pretrain``
 runs no head and no teacher forward (the teacher is only an EMA copy, 3 ms a step; the student is
 exported).
@@ -81,11 +78,11 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from hpkit.backbones.alignment import AlignConfig, align_attention, align_file
-from hpkit.backbones.vit import file_sha256, load_backbone
 from hpkit._util import atomic_write
+from hpkit.backbones.alignment import AlignConfig, align_attention, align_file
 from hpkit.backbones.pretrain import (CHECKPOINT, PretrainConfig, export_backbone, pretrain, pretraining_images,
-                       read_backbone_metadata, save_backbone_file)
+                                     read_backbone_metadata, save_backbone_file)
+from hpkit.backbones.vit import file_sha256, load_backbone
 
 __all__ = ["Recipe", "Plan", "RECIPES", "split_budget", "make_plan", "stage_configs", "steps_for_minutes",
            "cache_images", "time_stages", "bf16_is_fast", "run_recipe", "main"]
@@ -280,7 +277,7 @@ def steps_for_minutes(recipe: Recipe, seconds: float, timing: dict, images_found
 
 def bf16_is_fast(device: str) -> bool:
     """Whether bfloat16 autocast pays off: on a CPU with bf16 instructions. Not on a GPU: there the tiny
-    ViT's steps wait for the CPU's crops (an H200 took 0.21 s per stage-1 step with bf16, 0.20 without)."""
+    ViT's steps wait for the CPU's crops (docs/experiments/hp-tiny.md#recipe)."""
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return False
     try:
@@ -362,19 +359,9 @@ def _plan_new_run(recipe: Recipe, request: dict, source: Dataset | None, found: 
     return json.loads(json.dumps(dict(request=request, plan=dataclasses.asdict(plan), timing=timing)))
 
 
-def run_recipe(out: str | Path, *, recipe: str = "hp-tiny", dataset: str = "folder", root: str | None = None,
-               minutes: float | None = None, steps: int | None = None, image_size: int | None = None,
-               batch_size: int | None = None, amp: str = "auto", device: str = "auto", export: str | Path | None = None,
-               force: bool = False, progress: bool = True) -> Path:
-    """Run a recipe on a folder of images (or the synthetic scenes) and return the backbone file.
-
-    Raises:
-        ValueError, FileNotFoundError: bad input (checked before any work), or an ``out`` that holds
-            a run started with other options.
-        KeyboardInterrupt: after Ctrl-C, once the stage's checkpoint is written (rerun to continue).
-    """
-    started = time.perf_counter()
-    # 1. Check the input: cheap, the folder is only listed.
+def _check_options(recipe: str, minutes: float | None, steps: int | None, image_size: int | None,
+                   batch_size: int | None, amp: str) -> Recipe:
+    """The named recipe, once the budget and sizes are valid (:func:`run_recipe`'s options)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; the recipes are: {', '.join(sorted(RECIPES))}")
     spec = RECIPES[recipe]
@@ -392,6 +379,37 @@ def run_recipe(out: str | Path, *, recipe: str = "hp-tiny", dataset: str = "fold
         raise ValueError(f"--batch-size must be at least 2, got {batch_size}")
     if amp not in ("auto", "on", "off"):
         raise ValueError(f"--amp must be auto, on or off, got {amp!r}")
+    return spec
+
+
+def _earlier_record(record_path: Path, request: dict, found: int) -> dict | None:
+    """The ``recipe.json`` of an earlier run in the same folder (None: a new run), which must have
+    been started with the same request on as many images."""
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if record is not None:
+        before = record["request"] | {"images_found": record["plan"]["images_found"]}
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in (request | {"images_found": found}).items()
+                   if before.get(k) != v]
+        if changed:
+            raise ValueError(f"{record_path.parent} holds a run started with other options ({'; '.join(changed)}): "
+                             "rerun it with the same options to continue, or add --force to start over")
+    return record
+
+
+def run_recipe(out: str | Path, *, recipe: str = "hp-tiny", dataset: str = "folder", root: str | None = None,
+               minutes: float | None = None, steps: int | None = None, image_size: int | None = None,
+               batch_size: int | None = None, amp: str = "auto", device: str = "auto", export: str | Path | None = None,
+               force: bool = False, progress: bool = True) -> Path:
+    """Run a recipe on a folder of images (or the synthetic scenes) and return the backbone file.
+
+    Raises:
+        ValueError, FileNotFoundError: bad input (checked before any work), or an ``out`` that holds
+            a run started with other options.
+        KeyboardInterrupt: after Ctrl-C, once the stage's checkpoint is written (rerun to continue).
+    """
+    started = time.perf_counter()
+    # 1. Check the input: cheap, the folder is only listed.
+    spec = _check_options(recipe, minutes, steps, image_size, batch_size, amp)
     out = Path(out).resolve()
     export = Path(export).resolve() if export is not None else out / "backbone.safetensors"
     if export.suffix != ".safetensors":
@@ -405,14 +423,7 @@ def run_recipe(out: str | Path, *, recipe: str = "hp-tiny", dataset: str = "fold
     record_path = out / "recipe.json"
     if force:
         _forget(out)
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    if record is not None:
-        before = record["request"] | {"images_found": record["plan"]["images_found"]}
-        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in (request | {"images_found": found}).items()
-                   if before.get(k) != v]
-        if changed:
-            raise ValueError(f"{out} holds a run started with other options ({'; '.join(changed)}): rerun it with "
-                             "the same options to continue, or add --force to start over")
+    record = _earlier_record(record_path, request, found)
     out.mkdir(parents=True, exist_ok=True)
     images = out / "images"  # the cache of a folder's images, which the stages read
     data_root = str(images) if source is not None else None

@@ -4,7 +4,7 @@
 :class:`FrozenViT`, whose forward returns for images (B, 3, H, W) in [0, 1]:
 
 - ``feats`` (B, C, h, w): last-block tokens after the final LayerNorm, CLS dropped (the ``f`` of
-  the paper; section 1.1 of the reference notes);
+  the paper; docs/official-code-differences.md#backbone-features);
 - ``attn_logits`` (B, heads, P, P): the last block's *pre-softmax* patch-to-patch logits
   ``q_i . k_j / sqrt(d_head)`` (CLS row and column dropped), recomputed from q and k because timm's
   fused attention never materialises them (as DINO's ``get_last_selfattention``, before softmax).
@@ -134,7 +134,7 @@ class FrozenViT(nn.Module):
             images: (B, 3, H, W) RGB in [0, 1], H and W multiples of ``patch_size`` (normalised inside).
             attention: also return the last block's attention logits (costs B * heads * P^2 floats).
             normalized: the images are already normalised with ``mean``/``std`` (no range check; used
-                to reproduce the official augmentation, D12).
+                to reproduce the official augmentation, docs/official-code-differences.md#d12).
 
         Returns:
             ``BackboneOutput(feats (B, C, h, w), attn_logits (B, heads, P, P) or None)``.
