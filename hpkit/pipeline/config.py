@@ -12,8 +12,10 @@ Every configuration is checked when it is built (``Config(...)``, :func:`get_con
 backbone or bank is loaded (:func:`validate`). Checks that need the dataset or the backbone (the pool
 against the number of images, sizes against the patch size) happen when training starts.
 
-Preset values follow Table 6 and the official configs (section 5.2 of the reference notes). Where
+Preset values follow Table 6 and the official configs (docs/official-code-differences.md#official-configs). Where
 the paper and the official config disagree, the choice is marked in the preset with the other value.
+Codes such as D9 or H4 in the comments are the official code's departures and hot spots listed there
+(anchors #d9, #h4, ...).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class TrainConfig:
     # After the last planned step: re-initialise the cluster probe and train it alone for this many
     # epochs on the final head's features (0: the paper's probe, trained only alongside the head).
     # A probe trained on a head that is still moving settles early in a poor k-means optimum and
-    # stays there (hard assignment); on short runs that costs up to 16 mIoU (README, Status).
+    # stays there (hard assignment), which costs mIoU on short runs (docs/experiments/hp-tiny.md#demo-probe).
     probe_refit_epochs: int = 0
 
     def __post_init__(self) -> None:
@@ -170,13 +172,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.tau": 0.6, "loss.pool_size": 256, "loss.renew_interval": 20, "loss.warmup": 20,
         "train.epochs": 4, "train.device": "cpu", "train.val_every": 32, "train.cache_features": True,
         # The official cluster lr (5e-3) is meant for thousands of steps; in a demo run the probe's
-        # random centroids hardly move. On random_tiny (benchmarks/hp_demo_vs_kmeans.py, 2 seeds) the
-        # probe scored 16.2 mIoU with 2 epochs at 5e-3, below k-means on the backbone (20.4); with
-        # 4 epochs at 5e-2 it scores 24.2 (README, Status).
+        # random centroids hardly move (measured: docs/experiments/hp-tiny.md#demo-probe).
         "optim.cluster_lr": 5e-2,
-        # Even so, the probe trained alongside the moving head settles early: on a backbone
-        # supervised on the scenes it scored 50.5 mIoU where a probe refitted on the final head
-        # scores 66-67 (2-4 epochs) and k-means on the backbone 60.5 (README, Status).
+        # Even so, the probe trained alongside the moving head settles early in a poor optimum; a
+        # probe refitted on the final head scores far higher (docs/experiments/hp-tiny.md#demo-probe).
         "train.probe_refit_epochs": 4,
     },
 }

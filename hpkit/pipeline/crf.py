@@ -2,12 +2,12 @@
 
 Unary: ``-log softmax`` of the class scores bilinearly resized to the image; pairwise: a Gaussian
 kernel (sxy 1, compat 3) and a bilateral kernel (sxy 67, srgb 3, compat 4); 10 mean-field steps
-(section 2 of the reference notes). Needs ``pydensecrf`` (the ``pydensecrf2`` package, which builds on
+(docs/official-code-differences.md#evaluation). Needs ``pydensecrf`` (the ``pydensecrf2`` package, which builds on
 Python 3.11; the old ``pydensecrf`` does not).
 
 :func:`crf_batch` refines many images in a process pool that cannot hang: every image has a timeout,
 and on any pool failure or timeout the remaining images are refined in this process (hot spot H8,
-and STEGO's evaluations that hung for hours in a pool).
+docs/official-code-differences.md#h8, and STEGO's evaluations that hung for hours in a pool).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""On-disk cache of the frozen backbone's clean-view outputs (hot spot H4 of the reference notes).
+"""On-disk cache of the frozen backbone's clean-view outputs (hot spot H4, docs/official-code-differences.md#h4).
 
 The training images are deterministic (a fixed centre crop, no geometric augmentation), so the clean
 view's backbone features ``f`` and the attention-derived LHP neighbour weights never change. The

@@ -1,6 +1,6 @@
 """Segmentation metrics: confusion matrix, Hungarian cluster-to-class matching, accuracy, IoU.
 
-As in the paper's protocol (STEGO / HP, section 2 of the reference notes): the confusion matrix is
+As in the paper's protocol (STEGO / HP, docs/official-code-differences.md#evaluation): the confusion matrix is
 accumulated over *all* valid pixels of the evaluation set, clusters are matched one-to-one to classes
 by ``scipy.optimize.linear_sum_assignment`` maximising the matched pixel count, and
 

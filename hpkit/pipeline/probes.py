@@ -22,7 +22,7 @@ KMEANS_RESTARTS = 5
 
 
 class ClusterProbe(nn.Module):
-    """``n_clusters`` learnable centroids; score = cosine(s, mu_k) (section 2 of the reference notes).
+    """``n_clusters`` learnable centroids; score = cosine(s, mu_k) (docs/official-code-differences.md#evaluation).
 
     Training loss: minus the mean over pixels of the cosine to the best centroid (hard assignment),
     i.e. spherical k-means by gradient descent (official: Adam, lr 5e-3). Prediction: argmax. With

@@ -188,7 +188,7 @@ def photometric(images: Tensor, generator: torch.Generator, *, official: bool = 
     Args:
         images: (B, 3, H, W) in [0, 1].
         official: jitter the normalised image as the official code does (torchvision clamps it to
-            [0, 1], D12); needs ``mean``/``std`` (3,). The result is then a *normalised* input.
+            [0, 1], docs/official-code-differences.md#d12); needs ``mean``/``std`` (3,). The result is then a *normalised* input.
 
     Returns:
         (B, 3, H, W): in [0, 1], or normalised-and-clamped with ``official=True``.

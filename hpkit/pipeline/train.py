@@ -4,7 +4,7 @@ or several (torchrun + DDP).
 ``train`` checks the data, loads the frozen backbone, builds the heads, optimisers and reference pools
 (or restores them from ``checkpoint.pt``), then runs :func:`~hpkit.pipeline.step.hp_step` over the
 epochs. Everything optional is a marked branch of the loop: the on-disk feature cache
-(``train.cache_features``: after the first epoch f and the LHP weights are read from disk, H4), AMP
+(``train.cache_features``: after the first epoch f and the LHP weights are read from disk, docs/official-code-differences.md#h4), AMP
 (``train.amp``), DDP, validation every ``train.val_every`` steps, the cluster-probe refit after the last
 step (``train.probe_refit_epochs``) and ``on_step``, a callback called with each step's record.
 
