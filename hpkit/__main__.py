@@ -6,8 +6,10 @@ under ``torchrun`` on several GPUs), ``eval`` (metrics of a trained run, optiona
 picture of one photo), ``sample-photos`` (real photos that installed packages ship, as a folder),
 ``prepare`` (five-crop copies of a real dataset), ``download`` (a real dataset's sources, a
 resumable download and a layout check), ``pretrain`` (DINO pretraining of a tiny ViT,
-:mod:`hpkit.pretrain`), ``align-attention`` (train a backbone's last-block attention to follow its
-features' affinity, :mod:`hpkit.attention_alignment`).
+:mod:`hpkit.backbones.pretrain`), ``align-attention`` (train a backbone's last-block attention to follow its
+features' affinity, :mod:`hpkit.backbones.alignment`).
+
+Each command imports what it needs when it runs, so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import argparse
 import json
 import os
 import sys
-
-import numpy as np
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,99 +77,133 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["pretrain"], ["align-attention"]):  # their own parsers: --set FIELD=VALUE per config field
-        if argv[0] == "pretrain" and any(arg == "--recipe" or arg.startswith("--recipe=") for arg in argv[1:]):
-            from hpkit.backbones.recipe import main as command
-        elif argv[0] == "pretrain":
-            from hpkit.backbones.pretrain import main as command
-        else:
-            from hpkit.backbones.alignment import main as command
-
-        try:
-            command(argv[1:], prog=f"hpkit {argv[0]}")
-        except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
-            print(f"hpkit: {err}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            return 130
-        return 0
-    args = _parser().parse_args(argv)
     try:
-        if args.command == "quickstart":
-            from hpkit.lessons.quickstart import run_quickstart
-
-            run_quickstart(backbone=args.backbone, batch=args.batch, image_size=args.image_size, seed=args.seed)
-        elif args.command == "train":
-            from hpkit.pipeline.config import get_config
-            from hpkit.pipeline.train import train
-
-            cfg = get_config(args.preset, args.overrides)
-            result = train(cfg, args.out, resume=args.resume, force=args.force, max_steps=args.max_steps)
-            last = result["history"][-1]["loss"] if result["history"] else float("nan")
-            if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
-                print(f"trained {result['steps']} steps, last loss {last:.4f}; checkpoint in {args.out}")
-        elif args.command == "eval":
-            from hpkit.pipeline.evaluate import evaluate
-
-            result = evaluate(args.run_dir, crf=args.crf, max_images=args.max_images, progress=not args.no_progress)
-            if args.plots:
-                _write_plots(args.run_dir, result)
-            if args.json:
-                print(json.dumps(result))
-            else:
-                _print_eval(result)
-        elif args.command == "prepare":
-            from hpkit.data.prepare import five_crop
-
-            folder = five_crop(args.dataset, args.root, args.split, workers=args.workers)
-            print(f"five-crop copies of {args.split} in {folder}; train with --set data.root={args.root}")
-        elif args.command == "download":
-            from hpkit.data.prepare import check_layout, download
-
-            if not args.check:
-                download(args.dataset, args.root, url=args.url)
-            problems = check_layout(args.dataset, args.root)
-            print("\n".join(problems) if problems else f"{args.root} is ready for {args.dataset}")
-            return 1 if problems else 0
-        elif args.command == "sample-photos":
-            from hpkit.data.samples import write_sample_photos
-
-            written = write_sample_photos(args.dir)
-            print(f"{len(written)} photos written to {args.dir}: {', '.join(p.name for p in written)}")
-        elif args.command == "segment":
-            from hpkit.pipeline.inference import save_label_png, segment
-
-            for option in ("out", "labels_out", "overlay_out"):  # fail before the work, not after it
-                target = getattr(args, option)
-                if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-                    raise FileNotFoundError(f"--{option.replace('_', '-')} {target}: its folder does not exist")
-            result = segment(args.image, args.checkpoint, crf=args.crf, size=args.size)
-            ids, counts = np.unique(result.labels, return_counts=True)
-            names = result.class_names
-            parts = [f"{names[i] if 0 <= i < len(names) else 'unmatched'}: {100 * c / result.labels.size:.1f}%"
-                     for i, c in zip(ids.tolist(), counts.tolist())]
-            print(f"{result.labels.shape[1]}x{result.labels.shape[0]} pixels; " + ", ".join(parts))
-            if result.note:
-                print(f"note: {result.note}")
-            if args.out:
-                from hpkit.lessons.plots import headless, plot_photo_segmentation
-
-                headless()
-                plot_photo_segmentation(result).savefig(args.out, dpi=110)
-                print(f"photo and {result.named} written to {args.out}")
-            if args.labels_out:
-                save_label_png(result.labels, args.labels_out)
-                print(f"label map (ids; 255 = unmatched) written to {args.labels_out}")
-            if args.overlay_out:
-                result.overlay.save(args.overlay_out)
-                print(f"overlay written to {args.overlay_out}")
+        if argv[:1] in (["pretrain"], ["align-attention"]):  # their own parsers: --set FIELD=VALUE per field
+            return _backbone_command(argv)
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args) or 0
     except (ValueError, FileNotFoundError, ImportError, OSError, RuntimeError) as err:
         print(f"hpkit: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hpkit: interrupted", file=sys.stderr)
         return 130
+
+
+def _backbone_command(argv: list[str]) -> int:
+    if argv[0] == "pretrain" and any(arg == "--recipe" or arg.startswith("--recipe=") for arg in argv[1:]):
+        from hpkit.backbones.recipe import main as command
+    elif argv[0] == "pretrain":
+        from hpkit.backbones.pretrain import main as command
+    else:
+        from hpkit.backbones.alignment import main as command
+    command(argv[1:], prog=f"hpkit {argv[0]}")
     return 0
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from hpkit.lessons.quickstart import run_quickstart
+
+    run_quickstart(backbone=args.backbone, batch=args.batch, image_size=args.image_size, seed=args.seed)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from hpkit.pipeline.config import get_config
+    from hpkit.pipeline.train import train
+
+    cfg = get_config(args.preset, args.overrides)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only the first process reports
+    said = {"ramp": False}
+
+    def report(record: dict) -> None:
+        if not said["ramp"] and record["lambda"] > 0:
+            said["ramp"] = True
+            tqdm.write(f"step {record['step']}: lambda starts to rise from 0 (loss.warmup={cfg.loss.warmup}), mixing "
+                       "in the task-specific positives of S' (Eq. 11): the loss rises with it; that is expected")
+        if "validation" in record:
+            v = record["validation"]
+            tqdm.write(f"step {v['step']}: validation cluster accuracy {100 * v['cluster_accuracy']:.1f} "
+                       f"mIoU {100 * v['cluster_miou']:.1f} | linear accuracy {100 * v['linear_accuracy']:.1f} "
+                       f"mIoU {100 * v['linear_miou']:.1f}")
+
+    result = train(cfg, args.out, resume=args.resume, force=args.force, max_steps=args.max_steps, on_step=report)
+    if main_process:
+        last = result["history"][-1]["loss"] if result["history"] else float("nan")
+        print(f"trained {result['steps']} steps, last loss {last:.4f}; checkpoint in {args.out}")
+        print(f"next: hpkit eval {args.out} --plots")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from hpkit.pipeline.evaluate import evaluate
+
+    result = evaluate(args.run_dir, crf=args.crf, max_images=args.max_images, progress=not args.no_progress)
+    if args.plots:
+        _write_plots(args.run_dir, result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_eval(result)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from hpkit.data.prepare import five_crop
+
+    folder = five_crop(args.dataset, args.root, args.split, workers=args.workers)
+    print(f"five-crop copies of {args.split} in {folder}; train with --set data.root={args.root}")
+
+
+def _download(args: argparse.Namespace) -> int:
+    from hpkit.data.prepare import check_layout, download
+
+    if not args.check:
+        download(args.dataset, args.root, url=args.url)
+    problems = check_layout(args.dataset, args.root)
+    print("\n".join(problems) if problems else f"{args.root} is ready for {args.dataset}")
+    return 1 if problems else 0
+
+
+def _sample_photos(args: argparse.Namespace) -> None:
+    from hpkit.data.samples import write_sample_photos
+
+    written = write_sample_photos(args.dir)
+    print(f"{len(written)} photos written to {args.dir}: {', '.join(p.name for p in written)}")
+
+
+def _segment(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from hpkit.pipeline.inference import save_label_png, segment
+
+    for option in ("out", "labels_out", "overlay_out"):  # fail before the work, not after it
+        target = getattr(args, option)
+        if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise FileNotFoundError(f"--{option.replace('_', '-')} {target}: its folder does not exist")
+    result = segment(args.image, args.checkpoint, crf=args.crf, size=args.size)
+    ids, counts = np.unique(result.labels, return_counts=True)
+    names = result.class_names
+    parts = [f"{names[i] if 0 <= i < len(names) else 'unmatched'}: {100 * c / result.labels.size:.1f}%"
+             for i, c in zip(ids.tolist(), counts.tolist())]
+    print(f"{result.labels.shape[1]}x{result.labels.shape[0]} pixels; " + ", ".join(parts))
+    if result.note:
+        print(f"note: {result.note}")
+    if args.out:
+        from hpkit.lessons.plots import headless, plot_photo_segmentation
+
+        headless()
+        plot_photo_segmentation(result).savefig(args.out, dpi=110)
+        print(f"photo and {result.named} written to {args.out}")
+    if args.labels_out:
+        save_label_png(result.labels, args.labels_out)
+        print(f"label map (ids; 255 = unmatched) written to {args.labels_out}")
+    if args.overlay_out:
+        result.overlay.save(args.overlay_out)
+        print(f"overlay written to {args.overlay_out}")
+
+
+COMMANDS = {"quickstart": _quickstart, "train": _train, "eval": _eval, "prepare": _prepare, "download": _download,
+            "sample-photos": _sample_photos, "segment": _segment}
 
 
 def _print_eval(result: dict) -> None:

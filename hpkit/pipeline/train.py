@@ -148,7 +148,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, force: bool
             schedule still spans the configured epochs.
         progress: show a tqdm progress bar.
         on_step: called after every step with its record (step, loss, lambda, probe_loss, seconds,
-            and ``total``, the steps this call runs to), on the main process.
+            ``total``, the steps this call runs to, and ``validation`` when the step was validated),
+            on the main process.
 
     Returns:
         dict with ``history`` (one entry per iteration: step, loss, lambda, probe_loss, seconds),
@@ -306,7 +307,8 @@ def _run_steps(ctx: StepContext, state: TrainState, data: Dataset, cache: Featur
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record['lambda']:.2f}")
             if on_step is not None:
-                on_step({**state.history[-1], "total": total})
+                validated = state.validation and state.validation[-1]["step"] == state.step
+                on_step({**state.history[-1], "total": total, **({"validation": state.validation[-1]} if validated else {})})
 
 
 def _new_state(cfg: Config, backbone: FrozenViT, n_classes: int, n_clusters: int, device: torch.device,
