@@ -9,17 +9,18 @@ For each (B, grid, D) it measures, each case in a fresh subprocess (so peak memo
 
 - ``hpkit paper`` / ``hpkit official``: :func:`hpkit.hp_objective` (chunked, both GHP sets, Phi and Psi),
   in float32 and with ``matmul_dtype=torch.bfloat16`` (``bf16``; selection stays float32);
-- ``naive dense``: Eq. 11 with full (N, N) tensors and autograd (``dense_paper_objective``);
+- ``naive dense``: Eq. 11 with full (N, N) tensors and autograd (``hp_objective(..., reference=True)``,
+  the readable :mod:`hpkit.method.reference`);
 - ``official-like slab``: the official code's per-image slab loop with repeated criteria, float
   masks and exp/log of masked products under autograd (``official_objective``), in float32 and
   under bf16 autocast (``bf16``; the official code itself runs under fp16 autocast);
 - ``LHP hpkit``: :func:`hpkit.local_mix` (9 shifted views) vs ``LHP dense``: the official per-image
   dense (P, P, D) product (``official_lhp_dense``).
 
-The baselines are the oracles of ``tests/dense_reference.py``; the tests check that they compute the
-same values as hpkit, so the timings compare equal work. Inputs: clustered unit features (27
-clusters, so every anchor has hidden positives), C = 384 (ViT-S), M = 2048, tau = 0.8, rho = 0.02,
-lambda = 0.5. Peak memory is the growth of the process's peak resident set (CPU, VmHWM reset after
+The other baselines are the official-code formulations of ``tests/dense_reference.py``; the tests check
+that every baseline computes the same values as hpkit, so the timings compare equal work. Inputs:
+clustered unit features (27 clusters, so every anchor has hidden positives), C = 384 (ViT-S),
+M = 2048, tau = 0.8, rho = 0.02, lambda = 0.5. Peak memory is the growth of the process's peak resident set (CPU, VmHWM reset after
 set-up) or
 ``torch.cuda.max_memory_allocated`` (CUDA) over the calls, from just before the first; time is the
 fastest of ``--repeats`` calls after a warm-up call.
@@ -48,8 +49,8 @@ def _estimate_gb(case: str, b: int, grid: int, d: int) -> float:
     """Rough peak memory of a baseline, to skip cases this machine cannot hold."""
     p = grid * grid
     n = b * p
-    if case == "naive dense":
-        return 14 * n * n * 4 / 1e9
+    if case == "naive dense":  # hpkit.method.reference peaks at ~24 (N, N) float32 buffers (measured, N = 2048)
+        return 24 * n * n * 4 / 1e9
     if case.startswith("official-like slab"):
         return (6 * p * n * 4 * b + 25 * p * n * 4) / 1e9
     if case == "LHP dense":
@@ -79,7 +80,7 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
     import torch.nn.functional as F
 
     import hpkit
-    from dense_reference import dense_paper_objective, official_lhp_dense, official_objective
+    from dense_reference import official_lhp_dense, official_objective
 
     torch.manual_seed(0)
     p = grid * grid
@@ -113,7 +114,8 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
                                       else None, matmul_dtype=bf16)
         elif case == "naive dense":
             rand = torch.rand(n, n, device=dev) < RHO
-            loss = dense_paper_objective(z, f, s_ema, pool_ag, pool_sp, rand, lam=LAM, tau=TAU, z_mix=m)
+            loss = hpkit.hp_objective(z, f, s_ema, pool_ag, pool_sp, patches_per_image=p, lam=LAM, tau=TAU, rho=RHO,
+                                      z_mix=m, negatives=rand, reference=True)
         else:  # the official code runs under fp16 autocast; bf16 autocast is the CPU analogue
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 is not None):
                 loss = official_objective(z, f, s_ema, pool_ag, pool_sp, neg_shared, patches_per_image=p,

@@ -1,11 +1,11 @@
-"""Eq. 2-4 on a hand-built example and against literal set construction."""
+"""Eq. 2-4 on a hand-built example and against the dense reference (:mod:`hpkit.method.reference`)."""
 
 import math
 
 import torch
-from dense_reference import ghp_sets
 
 from hpkit import criterion, global_hidden_positives, positive_mask
+from hpkit.method import reference
 from hpkit.method.global_positives import has_positive
 
 S60 = math.sin(math.radians(60))
@@ -41,16 +41,16 @@ def test_same_image_patches_can_be_positives_and_self_is_excluded():
     assert torch.equal(mask, ~torch.eye(4, dtype=torch.bool))
 
 
-def test_masks_match_literal_sets_and_blocks_agree(batch):
+def test_masks_match_reference_and_blocks_agree(batch):
     for x, pool in ((batch["f"], batch["pool_ag"]), (batch["s_ema"], batch["pool_sp"])):
+        torch.testing.assert_close(criterion(x, pool, chunk_size=7), reference.criterion(x, pool))
         for symmetric in (True, False):
-            sets = ghp_sets(x, pool, symmetric)
             dense = global_hidden_positives(x, pool, symmetric=symmetric)
-            assert [set(torch.nonzero(row).flatten().tolist()) for row in dense] == sets
+            assert torch.equal(dense, reference.global_positives(x, pool, symmetric=symmetric))
             c = criterion(x, pool)
             block = positive_mask(x[7:19], x, c[7:19], c, row_offset=7, symmetric=symmetric)
             assert torch.equal(block, dense[7:19])
-    assert sum(len(s) for s in ghp_sets(batch["f"], batch["pool_ag"])) > 0  # the example is not empty
+    assert global_hidden_positives(batch["f"], batch["pool_ag"]).sum() > 0  # the example is not empty
 
 
 def test_width_mismatch_is_a_clear_error():

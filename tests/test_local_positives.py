@@ -1,4 +1,4 @@
-"""Eq. 7-9: attention-selected 3x3 neighbours, hand-computed weights, dense oracle, gradients."""
+"""Eq. 7-9: attention-selected 3x3 neighbours, hand-computed weights, dense oracles, gradients."""
 
 import math
 
@@ -7,7 +7,8 @@ import torch
 from dense_reference import official_lhp_dense
 
 from hpkit import local_mix, local_weights, mix_neighbours
-from hpkit.method.local_positives import neighbour_index, row_quantiles
+from hpkit.method import reference
+from hpkit.method.local_positives import attention_scores, neighbour_index, row_quantiles
 
 
 def logits_3x3(row_for_anchor: dict[int, list[float]]) -> torch.Tensor:
@@ -78,22 +79,29 @@ def test_official_mix_equals_dense_official_formulation(h, w):
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_paper_mix_equals_dense_matrix_product():
+@pytest.mark.parametrize("style,sigma", [("paper", None), ("official", None), ("paper", 2.0), ("official", 50.0)])
+@pytest.mark.parametrize("h,w", [(4, 4), (3, 5), (1, 4)])
+def test_mix_equals_dense_reference(style, sigma, h, w):
+    """9 shifted views (the fast path) against the dense (P, P) product of Eq. 7-9 in hpkit.method.reference."""
     g = torch.Generator().manual_seed(3)
-    h, w = 4, 4
-    s = torch.randn(2, 5, h, w, generator=g, dtype=torch.float64)
+    s = torch.randn(2, 5, h, w, generator=g, dtype=torch.float64, requires_grad=True)
     logits = 2 * torch.randn(2, 2, h * w, h * w, generator=g)
-    weights = local_weights(logits, (h, w))
-    # Build the dense (B, P, P) matrix from the definition: p_ij over patches, kept if > row mean and j in 3x3.
-    p = logits.mean(1).softmax(-1)
-    keep = p > p.mean(-1, keepdim=True)
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    near = ((ys[:, None] - ys[None]).abs() <= 1) & ((xs[:, None] - xs[None]).abs() <= 1)
-    keep &= near
-    t = torch.where(keep, h * w * p, 0.0) / keep.sum(-1, keepdim=True).clamp(min=1)
-    dense = torch.einsum("bij,bdj->bdi", t.double(), s.flatten(2)).reshape_as(s)
-    torch.testing.assert_close(mix_neighbours(s, weights), dense)
+    ours = mix_neighbours(s, local_weights(logits, (h, w), sigma=sigma, style=style))
+    ref = reference.local_mix(s, logits, sigma=sigma, style=style)
+    torch.testing.assert_close(ours, ref)
+    g_out = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad(ours, s, g_out)[0], torch.autograd.grad(ref, s, g_out)[0])
+
+
+def test_attention_scores_by_hand():
+    # Row [0, log 3, 0, 0]: p = [1, 3, 1, 1] / 6, paper sigma = P = 4. Official: sorted [0, 0, 0, log 3], the
+    # 10 % quantile is 0 and the 90 % one 0.7 log 3 (position 2.7, linear), so log 3 is clamped to it; sigma 28.
+    row = torch.tensor([0.0, math.log(3), 0.0, 0.0])
+    torch.testing.assert_close(attention_scores(row), 4 * torch.tensor([1.0, 3.0, 1.0, 1.0]) / 6)
+    e = 3 ** 0.7
+    torch.testing.assert_close(attention_scores(row, style="official"),
+                               28 * torch.tensor([1.0, e, 1.0, 1.0]) / (3 + e))
+    torch.testing.assert_close(attention_scores(row, sigma=2.0), 2 * torch.tensor([1.0, 3.0, 1.0, 1.0]) / 6)
 
 
 def test_gradient_reaches_exactly_the_local_hidden_positives_in_proportion():

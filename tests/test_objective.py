@@ -1,13 +1,15 @@
-"""Eq. 1, 5, 6, 10, 11 and the official SupConLoss: hand values, literal oracles, chunking, gradients."""
+"""Eq. 1, 5, 6, 10, 11 and the official SupConLoss on the fast path: hand values, chunking against the
+readable reference (:mod:`hpkit.method.reference`) and the official code's formulation, gradients."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from dense_reference import dense_paper_objective, nt_xent, official_objective, paper_objective
+from dense_reference import official_objective
 
 from hpkit import consistency_regularizer, hp_objective, lambda_schedule, local_weights, self_contrastive_loss
+from hpkit.method import reference
 
 S60 = math.sin(math.radians(60))
 F3 = torch.tensor([[1.0, 0.0], [0.5, S60], [-1.0, 0.0]])  # positives: 0 <-> 1 (symmetric), see GHP tests
@@ -71,15 +73,15 @@ def _paper_case(batch, **kw):
 
 @pytest.mark.parametrize("chunk", [1, 7, 25, 60, None])
 @pytest.mark.parametrize("symmetric,task_specific", [(True, True), (False, True), (True, False)])
-def test_paper_chunked_equals_literal_reference(batch, chunk, symmetric, task_specific):
+def test_paper_chunked_equals_reference(batch, chunk, symmetric, task_specific):
     z, z_mix, kw = _paper_case(batch, symmetric=symmetric, task_specific=task_specific)
     ours = hp_objective(z, batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"],
                         patches_per_image=batch["p"], rho=0.3, z_mix=z_mix, negatives=batch["rand"],
                         chunk_size=chunk, **kw)
     gz, gm = torch.autograd.grad(ours, (z, z_mix))
     z2, m2 = batch["z"].clone().requires_grad_(), batch["z_mix"].clone().requires_grad_()
-    ref = paper_objective(z2, batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"], batch["rand"],
-                          z_mix=m2, **kw)
+    ref = reference.paper_objective(z2, batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"],
+                                    random=batch["rand"], z_mix=m2, **kw)
     rz, rm = torch.autograd.grad(ref, (z2, m2))
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(gz, rz)
@@ -89,7 +91,7 @@ def test_paper_chunked_equals_literal_reference(batch, chunk, symmetric, task_sp
 @pytest.mark.parametrize("chunk", [5, 20, 40, 60, None])  # 5 rows rounds up to one image, 40 -> 2 of 3 images
 @pytest.mark.parametrize("with_mix,task_specific,symmetric", [(True, True, True), (False, True, True),
                                                              (True, False, True), (True, True, False)])
-def test_official_equals_closed_form_of_section_1_9(batch, chunk, with_mix, task_specific, symmetric):
+def test_official_equals_the_official_code_formulation(batch, chunk, with_mix, task_specific, symmetric):
     kw = dict(lam=0.4, tau=0.8, symmetric=symmetric, task_specific=task_specific)
     z = batch["z"].clone().requires_grad_()
     z_mix = batch["z_mix"].clone().requires_grad_() if with_mix else None
@@ -108,15 +110,6 @@ def test_official_equals_closed_form_of_section_1_9(batch, chunk, with_mix, task
         torch.testing.assert_close(a, b)
 
 
-def test_naive_dense_baseline_agrees(batch):
-    """The benchmark's naive dense baseline computes the same loss as hpkit (so timings compare like with like)."""
-    args = (batch["z"], batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"])
-    ours = hp_objective(*args, patches_per_image=batch["p"], lam=0.3, tau=0.7, rho=0.3, z_mix=batch["z_mix"],
-                        negatives=batch["rand"])
-    torch.testing.assert_close(ours, dense_paper_objective(*args, batch["rand"], lam=0.3, tau=0.7,
-                                                           z_mix=batch["z_mix"]))
-
-
 def test_shared_negative_mask_equals_its_expanded_form(batch):
     args = (batch["z"], batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"])
     kw = dict(patches_per_image=batch["p"], lam=0.5, tau=0.5, rho=0.3, z_mix=batch["z_mix"])
@@ -125,7 +118,7 @@ def test_shared_negative_mask_equals_its_expanded_form(batch):
     torch.testing.assert_close(shared, full)
 
 
-def test_loss_propagation_equals_literal_reference(batch):
+def test_loss_propagation_equals_reference(batch):
     g = torch.Generator().manual_seed(5)
     logits = 3 * torch.randn(batch["b"], 2, batch["p"], batch["p"], generator=g)
     weights = local_weights(logits, (batch["h"], batch["w"]))  # (B, 9, h, w)
@@ -135,9 +128,8 @@ def test_loss_propagation_equals_literal_reference(batch):
                         neighbour_weights=weights, chunk_size=13)
     (gz,) = torch.autograd.grad(ours, z)
     z2 = batch["z"].clone().requires_grad_()
-    lp = weights.double().flatten(2).transpose(1, 2).reshape(-1, 9)
-    ref = paper_objective(z2, batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"], batch["rand"],
-                          lam=0.5, tau=0.5, lp_weights=lp, grid=(batch["h"], batch["w"]))
+    ref = reference.paper_objective(z2, batch["f"], batch["s_ema"], batch["pool_ag"], batch["pool_sp"],
+                                    random=batch["rand"], lam=0.5, tau=0.5, neighbour_weights=weights)
     (rz,) = torch.autograd.grad(ref, z2)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(gz, rz)
@@ -174,12 +166,12 @@ def test_bad_inputs_give_clear_errors(batch):
         hp_objective(*args, style="official", neighbour_weights=torch.ones(3, 9, 4, 5), **kw)
 
 
-def test_eq1_matches_cross_entropy_form():
+def test_eq1_chunked_equals_reference():
     g = torch.Generator().manual_seed(6)
     z = F.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
     za = F.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
     ours = self_contrastive_loss(z, za, tau=0.3, chunk_size=7)
-    ref = nt_xent(z, za, 0.3)
+    ref = reference.self_contrastive_loss(z, za, tau=0.3)
     torch.testing.assert_close(ours, ref)
     for a, b in zip(torch.autograd.grad(ours, (z, za)), torch.autograd.grad(ref, (z, za))):
         torch.testing.assert_close(a, b)

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, neighbour_index, row_quantiles
+from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, attention_scores, neighbour_index
 from hpkit.lessons.plots import colorize
 
 __all__ = ["attention_maps", "attention_row", "anchor_neighbourhood", "choose_anchors", "plot_attention_heads",
@@ -55,7 +55,8 @@ def attention_maps(attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int])
 
 def attention_row(attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int], *, sigma: float | None = None,
                   style: str = "paper") -> Tensor:
-    """The anchor's scaled row ``sigma * p_i.`` as :func:`hpkit.method.local_positives.local_weights` computes it.
+    """The anchor's scaled row ``sigma * p_i.`` as :func:`hpkit.method.local_positives.local_weights` computes it
+    (:func:`hpkit.method.local_positives.attention_scores` of the head-averaged row).
 
     ``style="official"`` clamps the head-averaged logits to their row's 10 % / 90 % quantiles first.
     The Eq. 7 threshold is the row mean, ``sigma / P``.
@@ -64,16 +65,8 @@ def attention_row(attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int], 
         (P,) float32 scaled attention (``sigma`` default: ``P`` paper, so the threshold is 1; 28 official).
     """
     _check_attn(attn, grid)
-    p = attn.shape[-1]
-    logits = attn[:, anchor[0] * grid[1] + anchor[1]].float().mean(0)
-    if style == "official":
-        lo, hi = row_quantiles(logits, (0.1, 0.9))
-        logits = logits.clamp(float(lo), float(hi))
-    elif style != "paper":
-        raise ValueError(f"style must be 'paper' or 'official', got {style!r}")
-    if sigma is None:
-        sigma = float(p) if style == "paper" else 28.0
-    return sigma * logits.softmax(-1)
+    logits = attn[:, anchor[0] * grid[1] + anchor[1]].float().mean(0)  # head average of the anchor's row
+    return attention_scores(logits, sigma=sigma, style=style)
 
 
 def anchor_neighbourhood(weights: Tensor, anchor: tuple[int, int, int]) -> np.ndarray:

@@ -26,6 +26,7 @@ from hpkit.method.global_positives import criterion, positive_mask
 from hpkit.method.heads import to_rows
 from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, local_weights, mix_neighbours
 from hpkit.method.pools import sample_patches
+from hpkit.method.reference import contrastive_loss
 
 __all__ = ["anchor_contrastive_loss", "patch_gradient_norms", "GradientFlow", "anchor_gradient_flow"]
 
@@ -33,7 +34,8 @@ _VIEWS = ("clean", "mix", "both")
 
 
 def anchor_contrastive_loss(z_anchor: Tensor, z: Tensor, positives: Tensor, negatives: Tensor, tau: float) -> Tensor:
-    """Eq. 5 for one anchor: ``-1/|P| sum_{p in P} log softmax_{N u P}(<z_anchor, z_.> / tau)_p``.
+    """Eq. 5 for one anchor: ``-1/|P| sum_{p in P} log softmax_{N u P}(<z_anchor, z_.> / tau)_p``
+    (:func:`hpkit.method.reference.contrastive_loss` with one anchor row).
 
     Args:
         z_anchor: (D,) or (1, D) L2-normalised anchor projection (``z_i`` or ``z_mix_i``).
@@ -49,9 +51,7 @@ def anchor_contrastive_loss(z_anchor: Tensor, z: Tensor, positives: Tensor, nega
                          f"be ({z.shape[0]},) bool masks over the rows of z")
     if not bool(positives.any()):
         raise ValueError("the anchor has no positive, so Eq. 5 is undefined; pick another anchor or a larger pool")
-    logits = (z @ z_anchor.reshape(-1)) / tau  # (N,)
-    lse = torch.logsumexp(logits[positives | negatives], dim=0)
-    return -(logits[positives] - lse).mean()
+    return contrastive_loss(z_anchor.reshape(1, -1), z, positives[None], negatives[None], tau)[0]
 
 
 def patch_gradient_norms(

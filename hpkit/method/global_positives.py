@@ -12,7 +12,7 @@ and patch ``j`` of the mini-batch is a hidden positive of ``i`` when (Eq. 3 / Eq
     <x_i, x_j> > c_i                                 (non-symmetric variant, Table 4 (e))
 
 All vectors are L2-normalised, so ``<.,.>`` is the cosine similarity. Only ``j == i`` is excluded:
-other patches of the anchor's own image may be positives (difference D16 of the reference notes;
+other patches of the anchor's own image may be positives (docs/official-code-differences.md#d16;
 this matches the paper's "different patch features in the mini-batch").
 
 Rows are image-major everywhere: row ``b * P + y * w + x`` is patch ``(y, x)`` of image ``b``.

@@ -1,4 +1,4 @@
-"""Segmentation head S, projection head Z and the momentum copy S' (sections 1.3-1.5 of the notes).
+"""Segmentation head S, projection head Z and the momentum copy S' (docs/official-code-differences.md#heads).
 
 All heads are pointwise (1x1 convolutions / linear layers): the output at a patch depends only on the
 backbone feature at that patch, which is why the task-specific pool can be refreshed from cached
@@ -26,7 +26,7 @@ def from_rows(rows: Tensor, batch: int, h: int, w: int) -> Tensor:
 
 
 class SegmentationHead(nn.Module):
-    """S: ``s = L(drop(f)) + M(drop(f))`` (STEGO form; "two-layer ReLU MLP" in the paper, D5).
+    """S: ``s = L(drop(f)) + M(drop(f))`` (STEGO form; "two-layer ReLU MLP" in the paper, docs/official-code-differences.md#d5).
 
     ``L`` is a 1x1 conv C -> D, ``M`` is 1x1 conv C -> C, ReLU, 1x1 conv C -> D. With ``dropout > 0``
     each branch gets its own ``Dropout2d`` on its input (channel dropout, as the official code).
@@ -55,7 +55,7 @@ class SegmentationHead(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Z: ``z = normalize(W s + b)``, a linear layer with bias followed by L2 normalisation (D6)."""
+    """Z: ``z = normalize(W s + b)``, a linear layer with bias followed by L2 normalisation (docs/official-code-differences.md#d6)."""
 
     def __init__(self, dim: int):
         super().__init__()

@@ -11,7 +11,7 @@ its attention is above the row average (Eq. 7), and the mixed feature is (Eq. 9)
 Gradients of any loss on ``s_mix_i`` flow into every ``s_j`` with ``j`` in ``I^local_i``, in
 proportion to ``p_ij`` (Fig. 3). The attention weights themselves are constants.
 
-Two styles (section 1.2 and D3 of the reference notes):
+Two styles (docs/official-code-differences.md#lhp-attention and #d3):
 
 ==================  =============================================  ==============================
 step                ``style="paper"``                              ``style="official"``
@@ -31,7 +31,7 @@ that the two differ exactly in the rows of the table above.
 
 Cost: the row statistics need the full (B, P, P) attention, but the mixing itself reads only the
 <= 9 kept neighbours, so it is O(9 N D) (9 shifted views of ``s``), never the dense (P, P, D) product
-of the official code (hot spot H2).
+of the official code (hot spot H2, docs/official-code-differences.md#h2).
 
 Neighbour order ``k = (dy + 1) * 3 + (dx + 1)`` for offsets ``dy, dx`` in ``{-1, 0, 1}`` (row-major,
 the same order as ``torch.nn.functional.unfold`` with a 3x3 kernel); ``k = 4`` is the anchor itself.
@@ -48,6 +48,7 @@ __all__ = [
     "NEIGHBOUR_OFFSETS",
     "neighbour_index",
     "row_quantiles",
+    "attention_scores",
     "local_weights",
     "mix_neighbours",
     "local_mix",
@@ -89,7 +90,7 @@ def row_quantiles(x: Tensor, qs: tuple[float, ...]) -> list[Tensor]:
     """Quantiles along the last dim with linear interpolation (as ``torch.quantile``).
 
     One sort serves all requested quantiles (``torch.quantile`` sorts once per call and refuses
-    inputs above 16 M elements, hot spot H5).
+    inputs above 16 M elements, docs/official-code-differences.md#h5).
 
     Args:
         x: (..., P) values.
@@ -108,6 +109,26 @@ def row_quantiles(x: Tensor, qs: tuple[float, ...]) -> list[Tensor]:
         frac = pos - lo
         out.append(sorted_x[..., lo] + frac * (sorted_x[..., hi] - sorted_x[..., lo]))
     return out
+
+
+def attention_scores(logits: Tensor, *, sigma: float | None = None, style: str = "paper") -> Tensor:
+    """Scaled attention ``sigma * p_ij`` of each row: the ``t_ij`` that Eq. 7 thresholds and Eq. 9 mixes.
+
+    Args:
+        logits: (..., P) head-averaged pre-softmax logits, one row per anchor.
+        sigma: attention scale; ``None`` picks the style's default (``P`` paper, ``28`` official).
+        style: ``"official"`` first clamps each row to its 10 % / 90 % quantiles (D3).
+
+    Returns:
+        (..., P) ``sigma * softmax_j(logits)``, in the dtype of ``logits``.
+    """
+    _check_style(style)
+    if sigma is None:
+        sigma = float(logits.shape[-1]) if style == "paper" else OFFICIAL_SIGMA
+    if style == "official":
+        lo, hi = row_quantiles(logits, (0.1, 0.9))
+        logits = torch.maximum(torch.minimum(logits, hi[..., None]), lo[..., None])
+    return sigma * logits.softmax(dim=-1)
 
 
 def local_weights(
@@ -137,17 +158,10 @@ def local_weights(
     b, _, p, _ = attn_logits.shape
     if p != h * w:
         raise ValueError(f"attn_logits has P={p} patches but the grid {h}x{w} has {h * w}")
-    if sigma is None:
-        sigma = float(p) if style == "paper" else OFFICIAL_SIGMA
-
     index, valid = neighbour_index(h, w, device=attn_logits.device)
     out = []
     for image in attn_logits:  # one image at a time: the row statistics need (P, P) floats, not (B, P, P)
-        logits = image.float().mean(dim=0)  # (P, P) head average
-        if style == "official":
-            lo, hi = row_quantiles(logits, (0.1, 0.9))
-            logits = torch.maximum(torch.minimum(logits, hi[:, None]), lo[:, None])
-        t = sigma * logits.softmax(dim=-1)  # (P, P)
+        t = attention_scores(image.float().mean(dim=0), sigma=sigma, style=style)  # (P, P), head average
         threshold = t.mean(dim=-1, keepdim=True)  # = sigma / P up to rounding
         t_nb = t.gather(-1, index)  # (P, 9)
         keep = (t_nb > threshold) if style == "paper" else (t_nb >= threshold)

@@ -4,7 +4,7 @@
 images). ``Q^sp`` holds momentum-head features ``s' = S'(f)`` of random patches and is renewed every
 ``renew_interval`` iterations.
 
-Refreshing needs no backbone pass (hot spot H3 of the official code, which re-runs the ViT on M
+Refreshing needs no backbone pass (hot spot H3 of the official code, docs/official-code-differences.md#h3, which re-runs the ViT on M
 images at every refresh): S' is pointwise, so ``s'`` of a stored patch is exactly ``S'(f_patch)``. A
 :class:`ReferencePools` therefore keeps a *bank* of raw backbone patch features, gathered once, and a
 refresh re-applies the current momentum head to M random rows of it.
