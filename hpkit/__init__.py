@@ -54,10 +54,15 @@ _API = {
     "crf_available": "pipeline.crf",
 }
 
-__all__ = sorted(_API)
+#: modules a learner reaches from the top: ``hpkit.reference`` is Eq. 1-11 written to be read
+_MODULES = {"reference": "method.reference", "lessons": "lessons"}
+
+__all__ = sorted([*_API, *_MODULES])
 
 
 def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f"hpkit.{_MODULES[name]}")
     if name in _API:
         value = getattr(importlib.import_module(f"hpkit.{_API[name]}"), name)
         globals()[name] = value  # later lookups skip this function
@@ -66,4 +71,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(__all__))

@@ -120,6 +120,7 @@ def test_offline_without_weights_says_where_to_put_them(tmp_path):
     assert str(tmp_path / "weights" / "dino_deitsmall8_pretrain.pth") in result.stdout
 
 
+@pytest.mark.slow
 def test_auto_uses_local_dino_weights_else_falls_back(tmp_path, vits8_state):
     code = "import hpkit; hpkit.load_backbone('auto'); print('NAME', hpkit.load_backbone('auto').name)"
     result = _run_offline(code, tmp_path)  # loaded twice, said once

@@ -17,6 +17,7 @@ def hpkit(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_train_then_eval_json(tmp_path):
     sets = [x for item in TINY for x in ("--set", item)]
     result = hpkit("train", "--preset", "demo", *sets, "--set", "train.val_every=2", "--set", "loss.warmup=1",

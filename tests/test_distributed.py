@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +15,7 @@ TINY = ["model.backbone=random_tiny", "data.image_size=32", "data.val_size=32", 
         "loss.warmup=1", "train.epochs=1", "train.val_every=2", "train.cache_features=true"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     sets = [x for item in TINY for x in ("--set", item)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

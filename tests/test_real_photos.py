@@ -28,6 +28,7 @@ def folder_flags(root, *extra):
     return flags
 
 
+@pytest.mark.slow
 def test_labelled_folder_trains_evaluates_on_val_and_segments_whole_photos(tmp_path):
     root = write_scene_folder(tmp_path / "scenes", num_train=16, num_val=4)
     run = tmp_path / "run"
@@ -57,6 +58,7 @@ def test_labelled_folder_trains_evaluates_on_val_and_segments_whole_photos(tmp_p
     assert any(name in result.stdout for name in ("sky", "grass", "water", "wall", "sand"))  # classes via eval.json
 
 
+@pytest.mark.slow
 def test_unlabelled_real_photos_train_segment_and_are_never_overwritten(tmp_path):
     photos = tmp_path / "photos"
     written = write_sample_photos(photos)

@@ -104,6 +104,7 @@ def test_minutes_budget_takes_the_largest_step_count_that_fits():
         steps_for_minutes(HP_TINY, 25, timing, 1000)
 
 
+@pytest.mark.slow
 def test_recipe_runs_end_to_end_and_resumes_to_the_same_weights(photos, tmp_path, monkeypatch, capsys):
     heads = []
     real_head = hpkit.backbones.pretrain.DINOHead.forward

@@ -35,6 +35,7 @@ def test_evaluation_mapping_names_the_clusters(run):
     assert np.array_equal(after, np.asarray(mapping)[before])
 
 
+@pytest.mark.slow
 def test_cli_segment_writes_overlay(run, tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "in.png")
     cmd = [sys.executable, "-m", "hpkit", "segment", str(tmp_path / "in.png"), "--checkpoint", str(run / "checkpoint.pt"),

@@ -26,7 +26,7 @@ _API = {
     **dict.fromkeys(["notebook_config", "trained_run", "photos_config", "workspace_dir", "resolved_backbone",
                      "data_fingerprint"], "workspace"),
     **dict.fromkeys(["plot_history", "plot_confusion", "plot_segmentation", "plot_photo_segmentation",
-                     "plot_cluster_gallery", "colorize", "legend_handles", "default_colors"], "plots"),
+                     "plot_cluster_gallery", "plot_patch_maps", "colorize", "legend_handles", "default_colors"], "plots"),
     **dict.fromkeys(["example_segmentations", "metrics_table", "format_table", "plot_runs", "KMEANS", "HP",
                      "HP_CRF"], "compare"),
     **dict.fromkeys(["patch_labels", "positive_precision", "positive_stats", "positives_vs_pool_size",

@@ -16,12 +16,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
+from hpkit._util import to_uint8
 from hpkit.data.folder import default_colors  # noqa: F401 - part of this module's API
 from hpkit.pipeline.inference import Segmentation
 
 __all__ = ["plot_history", "plot_confusion", "colorize", "legend_handles", "plot_segmentation", "default_colors",
            "plot_cluster_gallery",
-           "plot_photo_segmentation", "headless"]
+           "plot_photo_segmentation", "plot_patch_maps", "headless"]
 
 
 def _history(history: dict | str | Path) -> dict:
@@ -192,3 +193,40 @@ def headless() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+def plot_patch_maps(images, maps: dict[str, np.ndarray], *, title: str | None = None,
+                    label: str = "loss of the anchor") -> Figure:
+    """One row per image: the image, then one per-patch map per entry of ``maps`` (e.g. each term of the
+    objective for every anchor), one colour scale per column; NaN (no value, e.g. an anchor without a
+    positive) is grey.
+
+    Args:
+        images: (B, 3, H, W) tensor in [0, 1] or (B, H, W, 3) array.
+        maps: ``{name: (B, h, w)}`` values per patch.
+    """
+    pictures = to_uint8(images)
+    maps = {name: np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float64)
+            for name, m in maps.items()}
+    rows, cols = len(pictures), 1 + len(maps)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols + 0.6, 2.3 * rows + 0.4), layout="constrained",
+                             squeeze=False)
+    cmap = plt.get_cmap("magma").with_extremes(bad="0.75")
+    for col, (name, values) in enumerate(maps.items(), start=1):
+        finite = values[np.isfinite(values)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        for row in range(rows):
+            shown = axes[row, col].imshow(np.ma.masked_invalid(values[row]), cmap=cmap, vmin=low, vmax=high,
+                                          interpolation="nearest")
+            if row == 0:
+                axes[row, col].set_title(name, fontsize=10)
+        fig.colorbar(shown, ax=axes[:, col], shrink=0.6, label=label if col == cols - 1 else None)
+    for row in range(rows):
+        axes[row, 0].imshow(pictures[row])
+        axes[row, 0].set_title("image" if row == 0 else "", fontsize=10)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    return fig

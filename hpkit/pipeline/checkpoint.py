@@ -15,7 +15,8 @@ import torch
 from hpkit._util import atomic_write
 from hpkit.backbones.vit import FrozenViT, load_backbone
 from hpkit.pipeline.config import Config, from_dict
-from hpkit.method.heads import MomentumHead, SegmentationHead
+from hpkit.method.heads import MomentumHead, ProjectionHead, SegmentationHead
+from hpkit.method.pools import ReferencePools
 from hpkit.pipeline.probes import ClusterProbe, LinearProbe
 
 __all__ = ["CHECKPOINT", "RUN_FILES", "DERIVED_FILES", "save_checkpoint", "load_checkpoint", "load_run", "TrainedRun",
@@ -76,11 +77,13 @@ class TrainedRun:
     state: dict  # the whole checkpoint (step, history, ...)
     folder: Path | None = None  # the run folder it was loaded from
     ema: MomentumHead | None = None  # S', the momentum head that selects task-specific positives
+    proj: ProjectionHead | None = None  # Z, the projection the objective contrasts
+    pools: ReferencePools | None = None  # Q^ag and Q^sp as they were at the last step
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Rebuild the backbone, S (head), S' (EMA head) and probes of a run written by
-    :func:`hpkit.pipeline.train.train`."""
+    """Rebuild the backbone, S (head), S' (EMA head), Z (projection), the pools and the probes of a run
+    written by :func:`hpkit.pipeline.train.train`, in eval mode."""
     state = load_checkpoint(run_dir, device)
     cfg = from_dict(state["config"])
     backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
@@ -93,4 +96,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Trained
     ema = MomentumHead(SegmentationHead(backbone.embed_dim, cfg.model.dim, cfg.model.dropout),
                        cfg.model.ema_momentum).to(device).eval()
     ema.load_state_dict(state["ema"])
-    return TrainedRun(cfg, backbone, head, cluster, linear, state, run_folder(run_dir), ema)
+    proj = ProjectionHead(cfg.model.dim).to(device).eval()
+    proj.load_state_dict(state["proj"])
+    pools = ReferencePools.from_state_dict(state["pools"])
+    return TrainedRun(cfg, backbone, head, cluster, linear, state, run_folder(run_dir), ema, proj, pools)

@@ -69,6 +69,7 @@ def lab(tmp_path):
         (REPO / NOTEBOOK).write_bytes(committed)
 
 
+@pytest.mark.slow
 def test_clicking_an_anchor_changes_the_positives(lab, tmp_path):
     base, token = lab
     with sync_api.sync_playwright() as p:
