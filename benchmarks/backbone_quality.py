@@ -7,14 +7,14 @@ Usage::
     python benchmarks/backbone_quality.py weights/a.safetensors    # plus backbones exported by hpkit pretrain
     python benchmarks/backbone_quality.py hp-tiny --set data.dataset=folder --set data.root=DIR  # your photos
 
-The data is the demo preset's plus ``--set`` overrides (any dataset of ``hpkit.config``; a folder
+The data is the demo preset's plus ``--set`` overrides (any dataset of ``hpkit.pipeline.config``; a folder
 needs labels, in its ``train`` and ``val`` splits or ``train`` alone). Every image is the centre
 square of ``data.image_size`` (train) / ``data.val_size`` (val) px, so features stack into one batch.
 For each backbone (``random_tiny`` architecture; a weights file is loaded into it, a name such as
 ``hp-tiny`` is loaded by name): a linear probe on frozen patch features trained on ``--train``
 train images and scored per pixel on ``--val`` val images; k-means (k = the number of classes) on the val
 features, Hungarian-matched; the Fig. 1(c) premise: among the 8 neighbours of every patch, the
-same-class rate of those above / below the anchor's attention row mean (:mod:`hpkit.diagnostics`);
+same-class rate of those above / below the anchor's attention row mean (:mod:`hpkit.lessons.diagnostics`);
 and GHP precision: with a task-agnostic pool of one random patch from each of ``--pool`` train
 images, the share of the val patches' global hidden positives that have the anchor's class
 (:func:`hpkit.lessons.explorer.positives_vs_pool_size`, Eq. 2-3). Prints a markdown table; deterministic

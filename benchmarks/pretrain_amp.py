@@ -5,7 +5,7 @@ Usage::
     python benchmarks/pretrain_amp.py                   # stages 1 and 2, 4 steps, 2 rounds, 2 threads
     python benchmarks/pretrain_amp.py --stages 1 --steps 6 --rounds 3 --threads 1
 
-Each stage runs with the ``hp-tiny`` recipe's settings at the card's budget (:mod:`hpkit.recipe`:
+Each stage runs with the ``hp-tiny`` recipe's settings at the card's budget (:mod:`hpkit.backbones.recipe`:
 batch 32 of 128 px synthetic scenes; 64 scenes are enough for a few steps), alternating float32 and
 bf16 autocast (A B A B ...) so that a machine getting busier slows both alike. A step's time is
 ``pretrain``'s own per-step ``seconds``; the first step of every run is left out (warm-up). Prints a

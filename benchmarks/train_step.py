@@ -35,7 +35,7 @@ outside it.
 Peak memory: the process's peak resident set (CPU: VmHWM, reset through ``/proc/self/clear_refs``) or
 ``torch.cuda.max_memory_allocated`` (CUDA), **absolute** (backbone, heads, pools and PyTorch itself
 included), over the timed steps only: the mark is reset after the last step of epoch 1 and read after
-the last step, through a stand-in for ``hpkit.train``'s progress bar (``update`` runs after every
+the last step, through a stand-in for ``hpkit.pipeline.train``'s progress bar (``update`` runs after every
 step). Should ``train`` stop calling it, the peak covers the whole run instead and the table says so.
 ``--json`` also records the memory held when the window opened (``start_gb``) and the epoch-1 step
 times (``first_epoch_s``: with the cache on, the steps that fill it).

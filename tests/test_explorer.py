@@ -1,4 +1,4 @@
-"""hpkit.explorer: GHP statistics against hand-computed values, and the explorer's state on tiny data."""
+"""hpkit.lessons.explorer: GHP statistics against hand-computed values, and the explorer's state on tiny data."""
 
 import math
 

@@ -1,6 +1,6 @@
 """Attention alignment: teach a ViT's last block to attend where its own features are similar.
 
-LHP (lesson 03, :mod:`hpkit.local_positives`) picks each patch's local positives by the backbone's
+LHP (lesson 03, :mod:`hpkit.method.local_positives`) picks each patch's local positives by the backbone's
 last-block attention, and the paper's Fig. 1(c) premise is that DINO's attention favours neighbours
 of the anchor's class. DINO gets there after long training on real images. The tiny backbones that
 ``hpkit pretrain`` trains on a CPU in half an hour do not: region-level contrast made their patch

@@ -12,7 +12,7 @@
 Names: ``dino_vits8``, ``dino_vits16``, ``dino_vitb8``, ``dino_vitb16`` (timm's ``*.dino`` configs),
 ``random_tiny`` (a randomly initialised ViT with patch 8, width 192, depth 6, 3 heads, always from
 seed 0: shapes right, features meaningless; for tests), ``hp-tiny`` (the same ViT, pretrained
-self-supervised by ``hpkit.pretrain`` and ``hpkit.attention_alignment`` on the synthetic scenes, bundled as
+self-supervised by ``hpkit.backbones.pretrain`` and ``hpkit.backbones.alignment`` on the synthetic scenes, bundled as
 ``data/hp_tiny.safetensors``; model card in ``data/README.md``) and ``auto`` (DINO ViT-S/8 when its
 weights are on this machine, else ``hp-tiny``). Weights come from ``weights=PATH`` (official DINO
 ``.pth`` files, with or without ``teacher``/``student``, ``module.`` and ``backbone.``; timm

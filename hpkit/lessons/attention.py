@@ -1,6 +1,6 @@
 """Figures for local hidden positives (LHP, Eq. 7-9, Fig. 1c and Fig. 3): attention maps per head,
 the Eq. 7 threshold of one attention row, the selected 3x3 neighbours with their weights, the
-Fig. 1(c) premise check and the gradient-flow heat maps of :mod:`hpkit.gradient_flow`.
+Fig. 1(c) premise check and the gradient-flow heat maps of :mod:`hpkit.lessons.gradient_flow`.
 
 Attention here is what LHP uses: last-block pre-softmax logits ``a`` (heads, P, P) from
 ``feats, attn = backbone(images)``; the head-averaged row is ``softmax_j(mean_heads a_ij)`` (the mean

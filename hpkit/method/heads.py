@@ -2,7 +2,7 @@
 
 All heads are pointwise (1x1 convolutions / linear layers): the output at a patch depends only on the
 backbone feature at that patch, which is why the task-specific pool can be refreshed from cached
-backbone features (:mod:`hpkit.pools`).
+backbone features (:mod:`hpkit.method.pools`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ size, and accumulates confusion matrices over all valid pixels for
 - ``linear``: the linear probe (identity matching);
 - ``kmeans_backbone``: k-means (k = number of classes, best of ``kmeans_restarts`` runs by inertia) on
   the frozen backbone features, the baseline the trained head should beat;
-- with ``crf=True`` also ``cluster_crf`` and ``linear_crf`` (:mod:`hpkit.crf`).
+- with ``crf=True`` also ``cluster_crf`` and ``linear_crf`` (:mod:`hpkit.pipeline.crf`).
 
 Results are returned as a dict and written to ``eval.json`` (accuracy and mIoU in [0, 1]).
 """

@@ -2,7 +2,7 @@
 
 The probes only *measure* the learned features: they train on detached segmentation features and
 never send gradients into the segmentation head (users ask, hynnsk/HP#12). The cluster probe uses
-no labels at all (its clusters are Hungarian-matched to classes afterwards, :mod:`hpkit.metrics`);
+no labels at all (its clusters are Hungarian-matched to classes afterwards, :mod:`hpkit.pipeline.metrics`);
 the linear probe is supervised and reports how linearly separable the features are.
 """
 
