@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -58,21 +57,8 @@ def _estimate_gb(case: str, b: int, grid: int, d: int) -> float:
     return 0.0
 
 
-def _rss_gb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) so set-up allocations do not count (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def _peak_rss_gb() -> float:
-    with open("/proc/self/status") as fh:
-        line = next(l for l in fh if l.startswith("VmHWM"))
-    return int(line.split()[1]) * 1024 / 1e9
+def _gb(mib: float) -> float:
+    return mib * 2**20 / 1e9
 
 
 def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -> dict:
@@ -80,6 +66,7 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
     import torch.nn.functional as F
 
     import hpkit
+    from hpkit._util import memory_in_use_mb, peak_memory_mb, reset_peak_memory
     from dense_reference import official_lhp_dense, official_objective
 
     torch.manual_seed(0)
@@ -125,12 +112,8 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     # Peak memory over all calls (the first one included, before any allocator caching), relative
     # to the memory held just before it; time is the fastest of `repeats` calls after a warm-up.
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _rss_gb()
+    reset_peak_memory(dev)  # CUDA: max_memory_allocated; CPU: the kernel's peak RSS mark (VmHWM)
+    base = memory_in_use_mb(dev)
     run_once()  # warm-up
     sync()
     times = []
@@ -139,11 +122,7 @@ def _run_case(case: str, b: int, grid: int, d: int, repeats: int, device: str) -
         run_once()
         sync()
         times.append(time.perf_counter() - start)
-    if dev.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    else:
-        peak = _peak_rss_gb() - base
-    return {"time_s": min(times), "peak_gb": max(peak, 0.0)}
+    return {"time_s": min(times), "peak_gb": max(_gb(peak_memory_mb(dev) - base), 0.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 3)} GB {r['note']}",
                   file=sys.stderr, flush=True)
 
-    print(f"\n| (B, grid, D) | N | case | fwd+bwd time (s) | peak memory (GB) | vs official-like slab (same precision) |")
+    print("\n| (B, grid, D) | N | case | fwd+bwd time (s) | peak memory (GB) | vs official-like slab (same precision) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         b, grid, d = (int(v) for v in r["size"].split(","))

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpkit.backbones.pretrain import PretrainConfig, pretrain  # noqa: E402
+from hpkit.backbones.pretrain import pretrain  # noqa: E402
 from hpkit.backbones.recipe import RECIPES, make_plan, stage_configs  # noqa: E402
 
 

@@ -92,38 +92,32 @@ def _train_config(case: str, batch: int, steps: int, device: str, tmp: Path):
 
 
 def _run_train_case(case: str, batch: int, steps: int, device: str) -> dict:
-    import torch
 
     from hpkit.pipeline.train import train
-    from objective import _peak_rss_gb, _reset_peak_rss, _rss_gb
+    from objective import _gb
 
-    cuda = device.startswith("cuda")
+    from hpkit._util import memory_in_use_mb, peak_memory_mb, reset_peak_memory
+
     window = {}
 
     def on_step(record: dict) -> None:  # window = the steps of epochs >= 2
         step = record["step"]
         if step == STEPS_PER_EPOCH:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                _reset_peak_rss()
+            reset_peak_memory(device)
             window["start"] = step
-            window["start_gb"] = torch.cuda.memory_allocated() / 1e9 if cuda else _rss_gb()
+            window["start_gb"] = _gb(memory_in_use_mb(device))
         elif step == steps and "start" in window:
-            window["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else _peak_rss_gb()
+            window["peak_gb"] = _gb(peak_memory_mb(device))
 
     with tempfile.TemporaryDirectory(prefix="hpkit_bench_") as tmp:
         cfg = _train_config(case, batch, steps, device, Path(tmp))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            _reset_peak_rss()
+        reset_peak_memory(device)
         result = train(cfg, Path(tmp) / "run", max_steps=steps, progress=False,
                                     on_step=on_step)
         if "peak_gb" in window:
             peak, scope = window["peak_gb"], "timed steps"
         else:
-            peak, scope = torch.cuda.max_memory_allocated() / 1e9 if cuda else _peak_rss_gb(), "whole run"
+            peak, scope = _gb(peak_memory_mb(device)), "whole run"
     seconds = [h["seconds"] for h in result["history"]]
     timed = seconds[STEPS_PER_EPOCH:]
     return {"step_s": statistics.median(timed), "steps_s": timed, "first_epoch_s": seconds[:STEPS_PER_EPOCH],
@@ -137,21 +131,23 @@ def _run_crf_case(case: str, images: int) -> dict:
 
     from hpkit.pipeline.crf import dense_crf
     from hpkit.data.synthetic import SyntheticScenes
-    from objective import _peak_rss_gb, _reset_peak_rss, _rss_gb
+    from objective import _gb
+
+    from hpkit._util import memory_in_use_mb, peak_memory_mb, reset_peak_memory
 
     px = int(case[len("crf"):])
     data = SyntheticScenes("val", num_images=images + 1, image_size=px, seed=0, cache=False)
     gen = torch.Generator().manual_seed(0)
     jobs = [(data[i][0], 3 * torch.randn(CRF_CLASSES, px // 8, px // 8, generator=gen)) for i in range(images + 1)]
-    _reset_peak_rss()
-    base = _rss_gb()
+    reset_peak_memory("cpu")
+    base = memory_in_use_mb("cpu")
     dense_crf(*jobs[0])  # warm-up
     times = []
     for image, logits in jobs[1:]:
         start = time.perf_counter()
         dense_crf(image, logits)
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "steps_s": times, "peak_gb": max(_peak_rss_gb() - base, 0.0),
+    return {"step_s": statistics.median(times), "steps_s": times, "peak_gb": max(_gb(peak_memory_mb("cpu") - base), 0.0),
             "peak_scope": "CRF calls", "image_px": px, "batch": 1}
 
 
