@@ -23,7 +23,7 @@ The names below are loaded on first use, so ``import hpkit`` (and the CLI's ``--
 
 from __future__ import annotations
 
-import importlib
+from hpkit._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -60,15 +60,4 @@ _MODULES = {"reference": "method.reference", "lessons": "lessons"}
 __all__ = sorted([*_API, *_MODULES])
 
 
-def __getattr__(name: str):
-    if name in _MODULES:
-        return importlib.import_module(f"hpkit.{_MODULES[name]}")
-    if name in _API:
-        value = getattr(importlib.import_module(f"hpkit.{_API[name]}"), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'hpkit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _API, _MODULES)

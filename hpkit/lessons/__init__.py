@@ -16,7 +16,7 @@ Names are loaded on first use.
 
 from __future__ import annotations
 
-import importlib
+from hpkit._lazy import lazy_names
 
 _MODULES = ("workspace", "positives", "explorer", "attention", "gradient_flow", "plots", "compare", "ablation",
             "diagnostics", "quickstart")
@@ -40,15 +40,4 @@ _API = {
 __all__ = sorted([*_API, *_MODULES])
 
 
-def __getattr__(name: str):
-    if name in _MODULES:
-        return importlib.import_module(f"hpkit.lessons.{name}")
-    if name in _API:
-        value = getattr(importlib.import_module(f"hpkit.lessons.{_API[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hpkit.lessons' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _API, {name: name for name in _MODULES})
