@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 from hpkit.backbones.vit import BACKBONES
 
 __all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS",
-           "get_config", "override", "to_dict", "from_dict", "dumps", "validate", "CHOICES", "RANGES"]
+           "get_config", "override", "to_dict", "from_dict", "dumps", "validate", "crops", "CHOICES", "RANGES"]
 
 
 @dataclass
@@ -185,7 +185,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: The fields of a fixed set of values, key -> the values (``None`` allowed where the field is optional).
 #: ``train.device`` also takes ``cuda:N``; ``data.train_crop`` / ``data.val_crop`` are further
-#: limited by the dataset (:func:`hpkit.pipeline.datasets.crops`).
+#: limited by the dataset (:func:`crops`).
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("synthetic", "folder", "cocostuff27", "cityscapes27", "potsdam3"),
     "data.train_crop": ("center", "random"),
@@ -274,6 +274,23 @@ def _check_field(key: str, value: Any, annotation: str) -> None:
             raise _bad(key, value, f"must be {words}{' (or none)' if optional else ''}")
 
 
+def crops(cfg: Config | SimpleNamespace) -> tuple[str, str]:
+    """``(train_crop, val_crop)``: the configured ones, or the dataset's defaults (checked)."""
+    d = cfg.data
+    folder = d.dataset == "folder"
+    train_crop = d.train_crop or ("random" if folder else "center")
+    val_crop = d.val_crop or ("whole" if folder else "center")
+    allowed_train = ("center", "random") if folder else ("center",)
+    allowed_val = ("center", "whole") if d.dataset in ("folder", "synthetic") else ("center",)
+    if train_crop not in allowed_train:
+        raise ValueError(f"data.train_crop={train_crop} is not available for data.dataset={d.dataset}; "
+                         f"choose {' or '.join(allowed_train)}")
+    if val_crop not in allowed_val:
+        raise ValueError(f"data.val_crop={val_crop} is not available for data.dataset={d.dataset}; "
+                         f"choose {' or '.join(allowed_val)}")
+    return train_crop, val_crop
+
+
 def _check_section(section: str, obj: Any) -> None:
     """Types, choices and ranges of one section's fields, then the rules between them."""
     for name, f in _fields(obj).items():
@@ -284,8 +301,6 @@ def _check_section(section: str, obj: Any) -> None:
                    f"loss propagation (Table 5) is not part of the official code: use loss.style=paper with it, "
                    f"or loss.propagation=gradient with loss.style={obj.style}")
     if section == "data":
-        from hpkit.pipeline.datasets import crops  # train_crop / val_crop per dataset (the rule lives there)
-
         crops(SimpleNamespace(data=obj))  # it reads only cfg.data
     if section == "train" and obj.amp == "fp16" and obj.device in ("cpu", "mps"):
         raise _bad("train.amp", obj.amp, f"train.amp=fp16 needs CUDA; use train.amp=bf16 or off with "

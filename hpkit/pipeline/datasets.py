@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from hpkit.pipeline.config import CHOICES, Config
+from hpkit.pipeline.config import CHOICES, Config, crops
 from hpkit.data.folder import ImageFolder, FolderLayout, scan_folder
 from hpkit.data.synthetic import SyntheticScenes
 
@@ -13,23 +13,6 @@ __all__ = ["build_dataset", "DATASET_NAMES", "crops", "UNLABELLED_CLUSTERS"]
 DATASET_NAMES = tuple(CHOICES["data.dataset"])
 #: the cluster probe's K for data without labels when ``model.num_clusters`` is not set
 UNLABELLED_CLUSTERS = 8
-
-
-def crops(cfg: Config) -> tuple[str, str]:
-    """``(train_crop, val_crop)``: the configured ones, or the dataset's defaults (checked)."""
-    d = cfg.data
-    folder = d.dataset == "folder"
-    train_crop = d.train_crop or ("random" if folder else "center")
-    val_crop = d.val_crop or ("whole" if folder else "center")
-    allowed_train = ("center", "random") if folder else ("center",)
-    allowed_val = ("center", "whole") if d.dataset in ("folder", "synthetic") else ("center",)
-    if train_crop not in allowed_train:
-        raise ValueError(f"data.train_crop={train_crop} is not available for data.dataset={d.dataset}; "
-                         f"choose {' or '.join(allowed_train)}")
-    if val_crop not in allowed_val:
-        raise ValueError(f"data.val_crop={val_crop} is not available for data.dataset={d.dataset}; "
-                         f"choose {' or '.join(allowed_val)}")
-    return train_crop, val_crop
 
 
 def _patch_size(cfg: Config) -> int:
