@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpkit._util import to_uint8
+
 __all__ = ["crf_available", "dense_crf", "crf_batch", "CRF_PARAMS"]
 
 CRF_PARAMS = dict(gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3, bilateral_compat=4,
@@ -40,16 +42,6 @@ def crf_available() -> bool:
     return True
 
 
-def _to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
-    """(3, H, W) float in [0, 1] or (H, W, 3) uint8 -> contiguous (H, W, 3) uint8."""
-    if isinstance(image, Tensor):
-        image = image.detach().cpu()
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image must be (3, H, W) in [0, 1], got {tuple(image.shape)}")
-        image = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(image, dtype=np.uint8)
-
-
 def _refine(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Mean-field inference on numpy arrays: (H, W, 3) uint8, (C, H, W) float32 probabilities -> Q."""
     import pydensecrf.densecrf as dcrf
@@ -65,7 +57,7 @@ def _refine(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def _prepare(image: Tensor | np.ndarray, scores: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    rgb = _to_uint8(image)
+    rgb = to_uint8(image)
     h, w = rgb.shape[:2]
     if scores.dim() != 3:
         raise ValueError(f"scores must be (C, h, w) log-probabilities or logits, got {tuple(scores.shape)}")
