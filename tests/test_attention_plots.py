@@ -83,3 +83,24 @@ def test_figures_show_the_numbers():
     assert texts == expected
     assert len(plot_attention_heads(np.zeros((32, 32, 3)), attn[0], (1, 1), (4, 4)).axes) >= 5
     assert len(plot_row_threshold(attn[0], (0, 0), (4, 4)).axes) == 3
+
+
+def test_heads_that_attend_alike_are_drawn_once():
+    """Two heads with the same logits correlate exactly (agreement 1): one average panel, said in the
+    title; heads with independent random logits are drawn one by one."""
+    from hpkit.lessons.attention import SAME_HEADS, head_agreement
+
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 16, 16, generator=g)
+    alike = torch.cat([one, one, 2.0 + one])  # a constant shift of the logits leaves the softmax row unchanged
+    differ = torch.randn(3, 16, 16, generator=g)
+    assert head_agreement(alike, (1, 2), (4, 4)) == pytest.approx(1.0)
+    rows = torch.softmax(differ[:, 6], dim=-1).double()  # anchor (1, 2) is row 6 of a 4x4 grid
+    assert head_agreement(differ, (1, 2), (4, 4)) == pytest.approx(float(torch.corrcoef(rows).min()))
+    assert head_agreement(differ, (1, 2), (4, 4)) < SAME_HEADS
+    fig = plot_attention_heads(np.zeros((32, 32, 3)), alike, (1, 2), (4, 4))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert not any(t.startswith("head ") for t in titles) and "average of the 3 heads (LHP)" in titles
+    assert "attend alike" in fig._suptitle.get_text()
+    fig = plot_attention_heads(np.zeros((32, 32, 3)), differ, (1, 2), (4, 4))
+    assert [t for t in (ax.get_title() for ax in fig.axes) if t.startswith("head ")] == ["head 1", "head 2", "head 3"]

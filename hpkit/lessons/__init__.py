@@ -23,7 +23,7 @@ _MODULES = ("workspace", "positives", "explorer", "attention", "gradient_flow", 
 
 #: public name -> the module of this package that defines it
 _API = {
-    **dict.fromkeys(["notebook_config", "trained_run", "photos_config", "workspace_dir", "resolved_backbone",
+    **dict.fromkeys(["notebook_config", "trained_run", "cached_run", "photos_config", "workspace_dir", "resolved_backbone",
                      "data_fingerprint"], "workspace"),
     **dict.fromkeys(["plot_history", "plot_confusion", "plot_segmentation", "plot_photo_segmentation",
                      "plot_cluster_gallery", "plot_patch_maps", "colorize", "legend_handles", "default_colors"], "plots"),

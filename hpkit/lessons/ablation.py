@@ -214,7 +214,7 @@ def run_ablation(base: Config, specs: Iterable[Spec], *, max_steps: int | None =
         buffer, started = io.StringIO(), time.time()
         try:
             with contextlib.redirect_stderr(buffer):
-                run = trained_run(cfg, workspace=workspace, max_steps=max_steps)
+                run = trained_run(cfg, workspace=workspace, max_steps=max_steps, progress=False)
         except Exception:
             print(buffer.getvalue(), end="", file=sys.stderr)  # what training said before it failed
             raise

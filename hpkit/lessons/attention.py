@@ -19,7 +19,7 @@ from torch import Tensor
 from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, attention_scores, neighbour_index
 from hpkit.lessons.plots import colorize
 
-__all__ = ["attention_maps", "attention_row", "anchor_neighbourhood", "choose_anchors", "plot_attention_heads",
+__all__ = ["head_agreement", "SAME_HEADS", "attention_maps", "attention_row", "anchor_neighbourhood", "choose_anchors", "plot_attention_heads",
            "plot_row_threshold", "plot_local_positives", "plot_agreement", "plot_gradient_flow"]
 
 
@@ -110,25 +110,44 @@ def _box(ax, y: int, x: int, size: int = 1, patch: float = 1.0, **kw) -> None:
                            fill=False, **kw))
 
 
+#: heads whose attention rows correlate above this are drawn as one panel (they show the same thing)
+SAME_HEADS = 0.95
+
+
+def head_agreement(attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int]) -> float:
+    """The lowest correlation between two heads' softmax rows for ``anchor`` (1: every head attends alike).
+
+    Args:
+        attn: (heads, P, P) logits; anchor: ``(y, x)``; grid: ``(h, w)``.
+    """
+    maps = attention_maps(attn, anchor, grid)[:-1].flatten(1).double()
+    return 1.0 if maps.shape[0] < 2 else float(torch.corrcoef(maps).min())
+
+
 def plot_attention_heads(image, attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int], *,
                          title: str | None = None) -> Figure:
     """The image, each head's attention map of the anchor, their average and the Eq. 7 mask.
+
+    Heads that agree (:func:`head_agreement` above ``SAME_HEADS``) are not drawn one by one: the title
+    says so and the head average stands for them.
 
     Args:
         image: (H, W, 3) or (3, H, W) in [0, 1]; attn: (heads, P, P) logits; anchor: ``(y, x)``.
     """
     maps = attention_maps(attn, anchor, grid).cpu().numpy()
+    agreement = head_agreement(attn, anchor, grid)
     heads = maps.shape[0] - 1
+    shown = list(range(heads)) if agreement <= SAME_HEADS else []
     img = _image(image)
     patch = img.shape[0] / grid[0]
-    fig, axes = plt.subplots(1, heads + 3, figsize=(2.6 * (heads + 3), 3.0), layout="constrained")
+    fig, axes = plt.subplots(1, len(shown) + 3, figsize=(2.6 * (len(shown) + 3), 3.0), layout="constrained")
     axes[0].imshow(img)
     _box(axes[0], *anchor, patch=patch, edgecolor="red", linewidth=2)
     axes[0].set_title("image, anchor")
-    for k in range(heads + 1):
-        im = axes[k + 1].imshow(maps[k] * maps[k].size, cmap="viridis")  # P * p: 1 = uniform attention
-        axes[k + 1].set_title(f"head {k + 1}" if k < heads else "head average (LHP)")
-        fig.colorbar(im, ax=axes[k + 1], fraction=0.046)
+    for ax, k in zip(axes[1:], shown + [heads]):
+        im = ax.imshow(maps[k] * maps[k].size, cmap="viridis")  # P * p: 1 = uniform attention
+        ax.set_title(f"head {k + 1}" if k < heads else f"average of the {heads} heads (LHP)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
     above = maps[-1] > maps[-1].mean()
     axes[-1].imshow(above, cmap="Blues", vmin=0, vmax=1)
     axes[-1].set_title("above average (Eq. 7)")
@@ -138,8 +157,10 @@ def plot_attention_heads(image, attn: Tensor, anchor: tuple[int, int], grid: tup
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
+    note = (f"heads drawn one by one (their rows correlate down to {agreement:.2f})" if shown else
+            f"the {heads} heads attend alike here (correlation >= {agreement:.2f}), so only their average is drawn")
     fig.suptitle((title or f"Last-block attention of anchor {anchor}")
-                 + f"\nP * softmax over all P = {maps[0].size} patches (1 = uniform attention)", fontsize=10)
+                 + f"\nP * softmax over all P = {maps[0].size} patches (1 = uniform attention); {note}", fontsize=10)
     return fig
 
 
@@ -273,7 +294,8 @@ def plot_gradient_flow(image, maps: dict[str, Tensor], anchor: tuple[int, int], 
         nonzero = np.argwhere(a > 0)
         if len(nonzero) <= annotate:
             for r, c in nonzero:
-                ax.text(c, r, f"{a[r, c]:.3f}", ha="center", va="center", fontsize=7 if zoom else 5, color="cyan")
+                ax.text(c, r, f"{a[r, c]:.3f}", ha="center", va="center", fontsize=7 if zoom else 5, color="white",
+                        bbox=dict(boxstyle="round,pad=0.1", fc="black", ec="none", alpha=0.6))  # readable on any colour
         _box(ax, *anchor, size=3, edgecolor="orange", linewidth=1, linestyle="--")
         _box(ax, *anchor, edgecolor="red", linewidth=1)
         ax.set_title(f"{name}\n{len(nonzero)} patch(es) get gradient", fontsize=9)

@@ -111,7 +111,10 @@ def plot_positives_vs_pool_size(results: dict[str, dict[str, list[float]]], *, c
     if chance is not None:
         axes[2].axhline(100 * chance, ls="--", color="0.5", label="chance (every patch)")
     axes[0].set(ylabel="mean $c_i$ over anchors", title="criterion rises with M")
-    axes[1].set(ylabel="positives per anchor", title="fewer positives", yscale="log")
+    axes[1].set(ylabel="positives per anchor", title="fewer positives")
+    counts = [v for r in results.values() for v in r["positives_per_anchor"] if v > 0]
+    if counts and max(counts) / min(counts) > 20:  # a log axis only where it spans more than a decade
+        axes[1].set_yscale("log")
     axes[2].set(ylabel="precision (%)", title="precision vs ground truth")
     for ax in axes:
         ax.set_xscale("log", base=2)
@@ -149,7 +152,8 @@ def plot_symmetric_pair(pair: dict, images: Tensor, grid: tuple[int, int], patch
         axes[2 * col].set_title(f"{role}: image {b}, patch ({y}, {x}){name}", fontsize=9)
         axes[2 * col + 1].imshow(patch_crop(images[b], y, x, patch_size, context), interpolation="nearest")
         _box(axes[2 * col + 1], context, patch_size)
-        axes[2 * col + 1].set_title(f"$c_{key}$ = {pair['c_' + key]:.3f}", fontsize=9)
+        axes[2 * col + 1].set_title(f"{role} zoomed: $c_{key}$ = {pair['c_' + key]:.3f}\n(similarity to its closest "
+                                    f"pool entry, Eq. 2)", fontsize=9)
     for ax in axes:
         ax.axis("off")
     fig.suptitle(f"sim = {pair['sim']:.3f} <= $c_i$ = {pair['c_i']:.3f}: not a positive by anchor i's own "

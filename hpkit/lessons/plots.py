@@ -35,8 +35,14 @@ def _history(history: dict | str | Path) -> dict:
     return history
 
 
-def plot_history(history: dict | str | Path) -> Figure:
-    """Loss and lambda per step, and cluster / linear probe accuracy and mIoU at each validation.
+#: how the probes' metrics are named in figures
+METRIC_NAMES = {"cluster_miou": "cluster probe mIoU", "cluster_accuracy": "cluster probe accuracy",
+                "linear_miou": "linear probe mIoU", "linear_accuracy": "linear probe accuracy"}
+
+
+def plot_history(history: dict | str | Path, *, title: str | None = None) -> Figure:
+    """Loss per step above lambda per step (left), and cluster / linear probe accuracy and mIoU at each
+    validation (right).
 
     Args:
         history: a run folder, its ``history.json``, or the dict ``train`` returned.
@@ -44,23 +50,27 @@ def plot_history(history: dict | str | Path) -> Figure:
     h = _history(history)
     steps = h.get("steps", h.get("history", []))
     validation = h.get("validation", [])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+    fig, axes = plt.subplot_mosaic([["loss", "val"], ["lambda", "val"]], figsize=(11, 4.2), layout="constrained",
+                                   height_ratios=[3, 1])
     x = [e["step"] for e in steps]
-    axes[0].plot(x, [e["loss"] for e in steps], lw=1, label="HP loss")
-    axes[0].set(xlabel="step", ylabel="loss", title="Training loss and $\\lambda$")
-    twin = axes[0].twinx()
-    twin.plot(x, [e["lambda"] for e in steps], color="tab:orange", lw=1, label="$\\lambda$")
-    twin.set(ylabel="$\\lambda$", ylim=(-0.05, 1.05))
-    axes[0].legend(handles=axes[0].lines + twin.lines, loc="upper right")
+    axes["loss"].plot(x, [e["loss"] for e in steps], lw=1)
+    axes["loss"].set(ylabel="HP loss (Eq. 11)", title="HP loss per step (top), $\\lambda$ per step (bottom)")
+    axes["loss"].tick_params(labelbottom=False)
+    axes["lambda"].plot(x, [e["lambda"] for e in steps], color="tab:orange", lw=1.5)
+    axes["lambda"].set(xlabel="step", ylabel="$\lambda$", ylim=(-0.05, 1.05), yticks=[0, 0.5, 1])
+    axes["lambda"].sharex(axes["loss"])
+    val = axes["val"]
     if validation:
         vx = [v["step"] for v in validation]
         for key, style in (("cluster_miou", "-o"), ("cluster_accuracy", "--o"), ("linear_miou", "-s"),
                            ("linear_accuracy", "--s")):
-            axes[1].plot(vx, [100 * v[key] for v in validation], style, ms=3, label=key.replace("_", " "))
-        axes[1].legend(fontsize=8)
+            val.plot(vx, [100 * v[key] for v in validation], style, ms=3, label=METRIC_NAMES[key])
+        val.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     else:
-        axes[1].text(0.5, 0.5, "no validation during training\n(train.val_every=0)", ha="center", va="center")
-    axes[1].set(xlabel="step", ylabel="%", title="Validation (probes on the val split)")
+        val.text(0.5, 0.5, "no validation during training\n(train.val_every=0)", ha="center", va="center")
+    val.set(xlabel="step", ylabel="% of the validation pixels", title="Probes on the val split during training")
+    if title:
+        fig.suptitle(title)
     return fig
 
 

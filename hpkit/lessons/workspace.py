@@ -23,7 +23,8 @@ from hpkit._util import atomic_write
 from hpkit.pipeline.checkpoint import CHECKPOINT
 from hpkit.pipeline.config import Config, dumps, get_config, override
 
-__all__ = ["workspace_dir", "notebook_config", "photos_config", "resolved_backbone", "trained_run", "data_fingerprint"]
+__all__ = ["workspace_dir", "notebook_config", "photos_config", "resolved_backbone", "trained_run", "cached_run",
+           "data_fingerprint"]
 
 _DONE = "done.json"
 
@@ -105,15 +106,34 @@ def data_fingerprint(cfg: Config) -> str | None:
     return scan_folder(cfg.data.root).fingerprint()
 
 
+def _run_folder(cfg: Config, workspace: str | Path | None, max_steps: int | None) -> tuple[Path, str]:
+    """The workspace folder of ``cfg``'s run and the text of its key."""
+    backbone = resolved_backbone(cfg)
+    key_parts = {"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps,
+                 "weights_sha256": backbone_weights_sha256(cfg), "data": data_fingerprint(cfg)}
+    text = json.dumps(key_parts, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}", text
+
+
+def cached_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: int | None = None) -> Path | None:
+    """The finished workspace run of ``cfg`` if there is one (then :func:`trained_run` trains nothing)."""
+    run, _ = _run_folder(cfg, workspace, max_steps)
+    return run if (run / _DONE).is_file() else None
+
+
 def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: int | None = None,
-                progress: bool = False) -> Path:
+                progress: bool = True) -> Path:
     """Train ``cfg`` once and return its run folder (``checkpoint.pt``, ``config.json``, ``history.json``).
+
+    Runs live in the notebooks' workspace, keyed by everything that changes them; a run made with
+    ``hpkit train --out DIR`` lives in DIR, and a lesson can use it directly (``run = Path(DIR)``).
 
     Args:
         cfg: the configuration (e.g. :func:`notebook_config`).
         workspace: the workspace folder (default :func:`workspace_dir`).
         max_steps: stop after this many steps (part of the key: a shorter run is a different run).
-        progress: show the training progress bar.
+        progress: say what is trained and show the training progress bar (with the time left).
 
     Returns:
         the run folder, ``<workspace>/<dataset>-<backbone>-<key>``; reused when it already holds a
@@ -122,15 +142,13 @@ def trained_run(cfg: Config, *, workspace: str | Path | None = None, max_steps: 
     """
     from hpkit.pipeline.train import train
 
-    backbone = resolved_backbone(cfg)
-    key_parts = {"config": dumps(cfg), "backbone": backbone, "max_steps": max_steps,
-                 "weights_sha256": backbone_weights_sha256(cfg), "data": data_fingerprint(cfg)}
-    text = json.dumps(key_parts, sort_keys=True)
-    key = hashlib.sha256(text.encode()).hexdigest()[:10]
-    run = workspace_dir(workspace) / f"{cfg.data.dataset}-{backbone.split(':')[0]}-{key}"
+    run, text = _run_folder(cfg, workspace, max_steps)
     if (run / _DONE).is_file():
         return run
     resume = (run / CHECKPOINT).is_file()  # else: a start that failed before its first checkpoint, redone
+    if progress:
+        print(f"{'resuming' if resume else 'training'} {run.name} (the {cfg.name} preset, {cfg.train.epochs} epochs "
+              f"on {cfg.data.dataset}) once; later lessons reuse it. The bar shows the time left.", flush=True)
     train(cfg, run, resume=resume, force=not resume, max_steps=max_steps, progress=progress)
     atomic_write(run / _DONE, lambda tmp: tmp.write_text(text))
     return run
