@@ -188,3 +188,29 @@ def test_summary_and_figures(explorer):
                 hx.plot_set_summary(summary, chance=0.3)):
         assert fig.axes
         matplotlib.pyplot.close(fig)
+
+
+def test_a_click_on_the_picture_chooses_the_anchor(explorer):
+    """The picker is PICKER_SIZE px wide over a 4x4 patch grid (80 px per patch): a click at pixel
+    (x=250, y=90) lies in column 250 // 80 = 3, row 90 // 80 = 1. The picture boxes the new anchor."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    pytest.importorskip("ipyevents")
+    explorer.widget(draw=False)
+    w = explorer._widgets
+    assert hx.PICKER_SIZE == 320 and explorer.grid == (4, 4)
+    assert explorer._clicks is not None and explorer._clicks.watched_events == ["click"]
+    explorer.select(0, (0, 0))
+    before = w["pick"].value
+    explorer.click({"type": "click", "dataX": 250.0, "dataY": 90.0})  # what ipyevents sends on a click
+    assert explorer.anchor == (1, 3) and (w["row"].value, w["col"].value) == (1, 3)
+    assert w["status"].value == explorer.status_text and w["pick"].value != before
+    picture = np.asarray(Image.open(BytesIO(w["pick"].value)).convert("RGB")).astype(int)
+    assert picture.shape == (320, 320, 3)
+    assert (picture[81, 240:320] == [255, 230, 0]).all(axis=1).sum() > 60  # the yellow box's top edge, row 1
+    assert explorer.anchor_at(0, 0, 320, 320) == (0, 0) and explorer.anchor_at(319.9, 319.9, 320, 320) == (3, 3)
+    assert explorer.anchor_at(400, -5, 320, 320) == (0, 3)  # outside the picture: the nearest patch
+    explorer.click({"type": "click"})  # an event without coordinates changes nothing
+    assert explorer.anchor == (1, 3)

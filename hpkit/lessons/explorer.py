@@ -14,6 +14,7 @@ Rows are image-major as everywhere in hpkit: row ``b * P + y * w + x`` is patch 
 
 from __future__ import annotations
 
+import io
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -29,12 +30,28 @@ from hpkit.lessons.positives import (PatchPool, patch_labels, batch_features, fi
                                      sample_pool, symmetric_only_pairs, _summarise, _hwc, patch_crop)
 from hpkit.method.global_positives import positive_mask
 from hpkit.method.heads import MomentumHead, to_rows
-from hpkit.lessons.plots import colorize, default_colors
+from hpkit._util import to_uint8
+from hpkit.lessons.plots import colorize, default_colors, legend_handles
 
 __all__ = ["positive_precision", "positive_stats", "positives_vs_pool_size", "label_base_rate",
            "symmetric_only_pairs", "find_symmetric_pair", "locate_patches", "PatchPool", "batch_features",
            "sample_pool", "patch_crop", "plot_pool_patches", "plot_criterion_hist",
            "plot_positives_vs_pool_size", "plot_symmetric_pair", "plot_set_summary", "GHPExplorer"]
+
+#: width in pixels of the picture a click chooses the anchor on
+PICKER_SIZE = 320
+
+
+def _click_events(source, callback):
+    """Call ``callback(event)`` on every click on the ``source`` widget (ipyevents); None without ipyevents."""
+    try:
+        from ipyevents import Event
+    except ImportError:  # the sliders still work
+        return None
+    events = Event(source=source, watched_events=["click"], prevent_default_action=True)
+    events.on_dom_event(callback)
+    return events
+
 
 # colours of the overlays (RGB in [0, 1])
 _SAME = np.array([0.1, 0.85, 0.2])  # positive with the anchor's label
@@ -374,11 +391,15 @@ class GHPExplorer:
                              f"{self._name(int(self.pool.labels[m]))}, $c_i$={r['c']:.2f}", fontsize=8)
         k = len(res) + 1
         top[k].imshow(_hwc(self.images[image_index]))
-        top[k].add_patch(Rectangle((x * ps - 0.5, y * ps - 0.5), ps, ps, fill=False, ec=_ANCHOR, lw=1.5))
+        top[k].add_patch(Rectangle((x * ps - 0.5, y * ps - 0.5), ps, ps, fill=False, ec=_ANCHOR, lw=2.5))
         top[k].set_title(f"image {image_index}", fontsize=8)
         if k + 1 < cols:
             top[k + 1].imshow(colorize(self.labels[image_index].numpy(), self.colors), interpolation="nearest")
             top[k + 1].set_title("ground truth", fontsize=8)
+            present = sorted(int(c) for c in self.labels[image_index].unique() if 0 <= c < len(self.colors))
+            names = [self._name(c) for c in range(len(self.colors))]
+            fig.legend(handles=[legend_handles(names, self.colors)[c] for c in present], loc="outside right upper",
+                       fontsize=7, title="ground truth", title_fontsize=7)
         for r_i, (name, r) in enumerate(res.items(), start=1):
             mask = r["mask"].reshape(-1, h, w).numpy()
             same = (self.patch_labels.reshape(-1, h, w) == anchor_label).numpy()
@@ -394,6 +415,34 @@ class GHPExplorer:
         fig.suptitle(f"GHP of anchor ({y}, {x}) in image {image_index} ({sym}); green: same class as the anchor, "
                      "red: other class", fontsize=9)
         return fig
+
+    def anchor_at(self, x: float, y: float, width: int, height: int) -> tuple[int, int]:
+        """The patch ``(row, col)`` under pixel ``(x, y)`` of a ``width`` x ``height`` picture of the image."""
+        h, w = self.grid
+        return min(max(int(y * h / height), 0), h - 1), min(max(int(x * w / width), 0), w - 1)
+
+    def picker_picture(self, size: int = PICKER_SIZE) -> bytes:
+        """PNG of the current image, ``size`` pixels wide, with the patch grid and the anchor boxed (black and
+        yellow, visible on any colour): the picture a click chooses the anchor on."""
+        from PIL import Image, ImageDraw
+
+        h, w = self.grid
+        image = Image.fromarray(to_uint8(self.images[self.image_index]))
+        height = round(size * image.height / image.width)
+        image = image.resize((size, height), Image.NEAREST)
+        draw = ImageDraw.Draw(image)
+        cell_w, cell_h = size / w, height / h
+        for k in range(1, w):
+            draw.line([(k * cell_w, 0), (k * cell_w, height)], fill=(255, 255, 255), width=1)
+        for k in range(1, h):
+            draw.line([(0, k * cell_h), (size, k * cell_h)], fill=(255, 255, 255), width=1)
+        y, x = self.anchor
+        box = [x * cell_w, y * cell_h, (x + 1) * cell_w, (y + 1) * cell_h]
+        draw.rectangle([box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3], outline=(0, 0, 0), width=3)
+        draw.rectangle(box, outline=(255, 230, 0), width=3)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
 
     # ---- the widget -----------------------------------------------------------------------------
 
@@ -415,11 +464,14 @@ class GHPExplorer:
         sym = W.Checkbox(value=self.symmetric, description="symmetric rule (Eq. 3)")
         status = W.HTML(value=self.status_text, description="GHP")
         out = W.Image(format="jpeg")  # an image, not an Output widget: plain widget state, cheap to sync
+        pick = W.Image(format="png", layout=W.Layout(width=f"{PICKER_SIZE}px"))
+        hint = W.HTML("<b>click a patch</b> to make it the anchor<br>(or use the sliders)")
         for widget, css in ((image, "hp-image"), (row, "hp-anchor-row"), (col, "hp-anchor-col"),
-                            (sym, "hp-symmetric"), (status, "hp-status"), (out, "hp-figure")):
+                            (sym, "hp-symmetric"), (status, "hp-status"), (out, "hp-figure"), (pick, "hp-pick")):
             widget.add_class(css)
         self._widgets = {"image": image, "row": row, "col": col, "symmetric": sym, "status": status,
-                         "figure": out, "draw": draw}
+                         "figure": out, "pick": pick, "draw": draw}
+        self._clicks = _click_events(pick, self.click)
 
         def moved(_change) -> None:
             if self._syncing:
@@ -429,19 +481,26 @@ class GHPExplorer:
 
         for widget in (image, row, col, sym):
             widget.observe(moved, names="value")
-        box = W.VBox([W.HBox([image, row, col, sym]), status, out])
+        box = W.VBox([W.HBox([image, row, col, sym]), status, W.HBox([pick, hint]), out])
         box.add_class("hp-explorer")
         self._widgets["box"] = box
         self._redraw()
         return box
 
+    def click(self, event: dict) -> None:
+        """Handle a click on the picker picture (an ipyevents ``click``: ``dataX``, ``dataY`` in its pixels)."""
+        if event.get("dataX") is None or "pick" not in self._widgets:
+            return
+        height = round(PICKER_SIZE * self.images.shape[-2] / self.images.shape[-1])
+        self.select(anchor=self.anchor_at(event["dataX"], event["dataY"], PICKER_SIZE, height))
+
     def _redraw(self) -> None:
+        if "pick" in self._widgets:
+            self._widgets["pick"].value = self.picker_picture()
         if not self._widgets.get("draw") or "figure" not in self._widgets:
             return
-        import io
-
         fig = self.figure()
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="jpeg", dpi=80, pil_kwargs={"quality": 85})
+        fig.savefig(buffer, format="jpeg", dpi=100, pil_kwargs={"quality": 85})
         plt.close(fig)
         self._widgets["figure"].value = buffer.getvalue()

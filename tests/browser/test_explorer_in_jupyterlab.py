@@ -3,7 +3,7 @@
 Starts ``jupyter lab`` on a free port, opens ``notebooks/02_global_hidden_positives.ipynb`` in
 Debian's Chromium (Playwright with ``executable_path``: no browser download), runs all cells, moves
 the anchor-column slider with the keyboard and checks that the positives figure and the status line
-change. Needs ``playwright`` (the ``dev`` extra) and a Chromium binary (``apt-get install chromium``;
+change, then clicks a patch on the explorer's picture and checks that the anchor moved to it. Needs ``playwright`` (the ``dev`` extra) and a Chromium binary (``apt-get install chromium``;
 ``.ci/run`` installs it); skipped where either is missing.
 """
 
@@ -103,8 +103,23 @@ def test_clicking_an_anchor_changes_the_positives(lab, tmp_path):
         page.wait_for_timeout(3000)  # the figure is redrawn after the status line
         after_text = status.inner_text()
         after_png = figure.screenshot()
+        # Now click a patch on the picture: near the left edge, low in the image.
+        grid = [int(float(page.locator(f".hp-anchor-{axis} .noUi-handle").first.get_attribute("aria-valuemax"))) + 1
+                for axis in ("row", "col")]
+        fx, fy = 0.1, 0.85
+        want = f"anchor ({int(fy * grid[0])}, {int(fx * grid[1])})"
+        assert want not in after_text
+        pick = page.locator(".hp-pick").first
+        pick.scroll_into_view_if_needed()
+        box = pick.bounding_box()
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        page.wait_for_function(
+            "(want) => { const s = document.querySelector('.hp-status'); return s && s.innerText.includes(want); }",
+            arg=want, timeout=120_000)
+        clicked_text = status.inner_text()
         (tmp_path / "before.png").write_bytes(before_png)
         (tmp_path / "after.png").write_bytes(after_png)
         browser.close()
     assert after_text != before_text
     assert after_png != before_png, "the positives figure did not change when the anchor moved"
+    assert want in clicked_text and clicked_text != after_text  # the click moved the anchor to the clicked patch
