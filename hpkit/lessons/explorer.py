@@ -398,7 +398,7 @@ class GHPExplorer:
             top[k + 1].set_title("ground truth", fontsize=8)
             present = sorted(int(c) for c in self.labels[image_index].unique() if 0 <= c < len(self.colors))
             names = [self._name(c) for c in range(len(self.colors))]
-            fig.legend(handles=[legend_handles(names, self.colors)[c] for c in present], loc="outside right upper",
+            fig.legend(handles=[legend_handles(names, self.colors)[c] for c in present], loc="outside right center",
                        fontsize=7, title="ground truth", title_fontsize=7)
         for r_i, (name, r) in enumerate(res.items(), start=1):
             mask = r["mask"].reshape(-1, h, w).numpy()
