@@ -214,3 +214,45 @@ def test_a_click_on_the_picture_chooses_the_anchor(explorer):
     assert explorer.anchor_at(400, -5, 320, 320) == (0, 3)  # outside the picture: the nearest patch
     explorer.click({"type": "click"})  # an event without coordinates changes nothing
     assert explorer.anchor == (1, 3)
+
+
+def test_run_positive_diagnostics_match_a_recomputation(tiny_run):
+    """Every figure recomputed another way: the positive sets with hpkit.reference, the neighbours by loops."""
+    from hpkit.lessons import run_positive_diagnostics
+    from hpkit.method import reference as ref
+
+    got = run_positive_diagnostics(tiny_run, max_images=3)
+    run = hpkit.load_run(tiny_run)
+    data = hpkit.build_dataset(run.cfg, "val")
+    images = torch.stack([data[i][0] for i in range(3)])
+    labels = torch.stack([data[i][1] for i in range(3)])
+    feats, attn = run.backbone(images, attention=True)
+    h, w = feats.shape[-2:]
+    lab = hx.patch_labels(labels, (h, w))
+    flat = lab.reshape(-1)
+    for name, x, pool in (("ag", feats, run.pools.agnostic), ("sp", run.ema(feats), run.pools.specific)):
+        mask = ref.global_positives(torch.nn.functional.normalize(hpkit.to_rows(x), dim=1), pool,
+                                    symmetric=run.cfg.loss.symmetric)
+        rows = []
+        for i in range(len(flat)):  # unlabelled patches (-1) count neither as anchors nor as positives
+            theirs = flat[mask[i] & (flat >= 0)]
+            if flat[i] >= 0 and len(theirs):
+                rows.append((theirs == flat[i]).double().mean())
+        assert got[f"{name}_precision"] == pytest.approx(float(torch.stack(rows).mean()), abs=1e-6)
+        assert got[f"{name}_positives"] == pytest.approx(float(mask.sum(1).double().mean()), abs=1e-6)
+    weights = hpkit.local_weights(attn, (h, w), sigma=run.cfg.loss.sigma, style=run.cfg.loss.style)
+    kept_same = kept = all_same = every = 0
+    for b in range(3):
+        for y in range(h):
+            for x in range(w):
+                for k, (dy, dx) in enumerate((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                    if (dy, dx) == (0, 0) or not (0 <= y + dy < h and 0 <= x + dx < w) or lab[b, y, x] < 0 \
+                            or lab[b, y + dy, x + dx] < 0:
+                        continue
+                    same = int(lab[b, y + dy, x + dx] == lab[b, y, x])
+                    every, all_same = every + 1, all_same + same
+                    if weights[b, k, y, x] > 0:
+                        kept, kept_same = kept + 1, kept_same + same
+    assert got["neighbour_base_rate"] == pytest.approx(all_same / every)
+    assert got["lhp_precision"] == pytest.approx(kept_same / kept)
+    assert 0 < got["label_base_rate"] < 1

@@ -35,8 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hpkit.backbones.pretrain import (add_config_flags, config_from_flags, pretraining_images, read_backbone_metadata,
-                                     save_backbone_file)
+from hpkit.backbones.pretrain import (
+    add_config_flags,
+    config_from_flags,
+    pretraining_images,
+    read_backbone_metadata,
+    save_backbone_file,
+)
 from hpkit.backbones.vit import BACKBONES, FrozenViT, file_sha256, load_backbone
 
 __all__ = ["AlignConfig", "affinity_targets", "attention_alignment_loss", "align_attention", "align_file", "main"]

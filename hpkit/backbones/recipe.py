@@ -80,8 +80,15 @@ from torch.utils.data import Dataset
 
 from hpkit._util import atomic_write
 from hpkit.backbones.alignment import AlignConfig, align_attention, align_file
-from hpkit.backbones.pretrain import (CHECKPOINT, PretrainConfig, export_backbone, pretrain, pretraining_images,
-                                     read_backbone_metadata, save_backbone_file)
+from hpkit.backbones.pretrain import (
+    CHECKPOINT,
+    PretrainConfig,
+    export_backbone,
+    pretrain,
+    pretraining_images,
+    read_backbone_metadata,
+    save_backbone_file,
+)
 from hpkit.backbones.vit import file_sha256, load_backbone
 
 __all__ = ["Recipe", "Plan", "RECIPES", "split_budget", "make_plan", "stage_configs", "steps_for_minutes",

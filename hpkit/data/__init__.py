@@ -18,8 +18,8 @@ from hpkit.data.cocostuff import COCO_CLASS_NAMES, COCO_COLORS, FINE_TO_COARSE, 
 from hpkit.data.folder import IMAGE_EXTENSIONS, FolderLayout, ImageFolder, load_rgb, read_classes, scan_folder
 from hpkit.data.potsdam import POTSDAM_CLASS_NAMES, POTSDAM_COLORS, Potsdam3
 from hpkit.data.prepare import DATASETS, DatasetInfo, check_layout, dataset_info, download, five_crop
-from hpkit.data.synthetic import CLASS_COLORS, CLASS_NAMES, SyntheticScenes, render_scene, write_scene_folder
 from hpkit.data.samples import sample_photo_paths, write_sample_photos
+from hpkit.data.synthetic import CLASS_COLORS, CLASS_NAMES, SyntheticScenes, render_scene, write_scene_folder
 
 __all__ = ["SyntheticScenes", "render_scene", "write_scene_folder", "scan_folder", "write_sample_photos", "sample_photo_paths", "FolderLayout", "read_classes", "CLASS_NAMES", "CLASS_COLORS", "ImageFolder", "load_rgb",
            "IMAGE_EXTENSIONS", "CocoStuff27", "FINE_TO_COARSE", "COCO_CLASS_NAMES", "COCO_COLORS", "Cityscapes27",

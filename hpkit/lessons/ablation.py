@@ -42,9 +42,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hpkit._util import memory_in_use_mb, peak_memory_mb, reset_peak_memory, resolve_device
+from hpkit.lessons.workspace import resolved_backbone, trained_run, workspace_dir
 from hpkit.pipeline.config import Config, dumps, from_dict, override, to_dict
 from hpkit.pipeline.train import train
-from hpkit.lessons.workspace import resolved_backbone, trained_run, workspace_dir
 
 __all__ = ["AblationRow", "TABLE4", "TABLE5", "PAPER_COST_RATIO", "PAPER_CLAIMS", "METRICS", "table4_specs",
            "table5_specs", "sweep_specs", "size_overrides", "run_ablation", "summarize", "compare_claims",

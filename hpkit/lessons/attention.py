@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, attention_scores, neighbour_index
 from hpkit.lessons.plots import colorize
+from hpkit.method.local_positives import NEIGHBOUR_OFFSETS, attention_scores, neighbour_index
 
 __all__ = ["head_agreement", "SAME_HEADS", "attention_maps", "attention_row", "anchor_neighbourhood", "choose_anchors", "plot_attention_heads",
            "plot_row_threshold", "plot_local_positives", "plot_agreement", "plot_gradient_flow"]

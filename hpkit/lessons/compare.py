@@ -21,11 +21,11 @@ from matplotlib.figure import Figure
 
 from hpkit._util import to_uint8
 from hpkit.data.folder import default_colors
-from hpkit.pipeline.evaluate import feature_batches, kmeans_baseline, upsampled
+from hpkit.method.heads import to_rows
 from hpkit.pipeline.checkpoint import load_run
 from hpkit.pipeline.crf import crf_available, crf_batch
 from hpkit.pipeline.datasets import build_dataset
-from hpkit.method.heads import to_rows
+from hpkit.pipeline.evaluate import feature_batches, kmeans_baseline, upsampled
 from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
 from hpkit.pipeline.probes import ClusterProbe
 

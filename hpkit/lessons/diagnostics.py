@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hpkit.pipeline.evaluate import feature_batches
 from hpkit.backbones.vit import FrozenViT
 from hpkit.lessons.positives import patch_labels, positives_vs_pool_size  # noqa: F401 - patch_labels is public here too
 from hpkit.method.heads import to_rows
 from hpkit.method.local_positives import neighbour_index
+from hpkit.pipeline.evaluate import feature_batches
 from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
 from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe
 

@@ -25,13 +25,26 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from hpkit.lessons.positives import (PatchPool, patch_labels, batch_features, find_symmetric_pair, label_base_rate,  # noqa: F401
-                                     locate_patches, positive_precision, positive_stats, positives_vs_pool_size,
-                                     sample_pool, symmetric_only_pairs, _summarise, _hwc, patch_crop)
-from hpkit.method.global_positives import positive_mask
-from hpkit.method.heads import MomentumHead, to_rows
 from hpkit._util import to_uint8
 from hpkit.lessons.plots import colorize, default_colors, legend_handles
+from hpkit.lessons.positives import (  # noqa: F401
+    PatchPool,
+    _hwc,
+    _summarise,
+    batch_features,
+    find_symmetric_pair,
+    label_base_rate,
+    locate_patches,
+    patch_crop,
+    patch_labels,
+    positive_precision,
+    positive_stats,
+    positives_vs_pool_size,
+    sample_pool,
+    symmetric_only_pairs,
+)
+from hpkit.method.global_positives import positive_mask
+from hpkit.method.heads import MomentumHead, to_rows
 
 __all__ = ["positive_precision", "positive_stats", "positives_vs_pool_size", "label_base_rate",
            "symmetric_only_pairs", "find_symmetric_pair", "locate_patches", "PatchPool", "batch_features",

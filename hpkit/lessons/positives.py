@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hpkit.pipeline.evaluate import feature_batches
 from hpkit._util import to_uint8
 from hpkit.method.global_positives import criterion, positive_mask
+from hpkit.method.heads import to_rows
+from hpkit.method.local_positives import local_weights
 from hpkit.method.pools import sample_patches
+from hpkit.pipeline.checkpoint import load_run
+from hpkit.pipeline.datasets import build_dataset
+from hpkit.pipeline.evaluate import feature_batches
 
-__all__ = ["patch_labels", "positive_precision", "positive_stats", "positives_vs_pool_size", "label_base_rate", "symmetric_only_pairs", "find_symmetric_pair", "locate_patches", "PatchPool", "batch_features", "sample_pool", "patch_crop"]
+__all__ = ["run_positive_diagnostics", "patch_labels", "positive_precision", "positive_stats", "positives_vs_pool_size", "label_base_rate", "symmetric_only_pairs", "find_symmetric_pair", "locate_patches", "PatchPool", "batch_features", "sample_pool", "patch_crop"]
 
 
 def patch_labels(labels: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -304,3 +308,50 @@ def patch_crop(image, y: int, x: int, patch_size: int, context: int = 8) -> np.n
     top, left = y * patch_size, x * patch_size
     size = patch_size + 2 * context
     return padded[top:top + size, left:left + size]
+
+
+@torch.no_grad()
+def run_positive_diagnostics(run, *, max_images: int = 8, device: str = "cpu") -> dict[str, float]:
+    """How good a trained run's positives are, measured against the labels on its validation images.
+
+    For the first ``max_images`` validation images (every patch an anchor):
+
+    - ``ag_precision`` / ``sp_precision``: the share of an anchor's task-agnostic (Eq. 3, from the frozen
+      f and Q^ag) / task-specific (Eq. 4, from the run's S' and Q^sp) positives with the anchor's label,
+      over the anchors that have one (unlabelled patches count neither as anchors nor as positives);
+      ``ag_positives`` / ``sp_positives``: positives per anchor;
+    - ``lhp_precision``: the share of the neighbours LHP keeps (Eq. 7) with the anchor's label, the
+      anchor itself left out; ``neighbour_base_rate``: the same share over all 8 neighbours (what
+      keeping neighbours at random would give);
+    - ``label_base_rate``: the same-label share of random patch pairs (what a random positive would give).
+
+    Args:
+        run: a run folder written by :func:`hpkit.train`.
+    """
+    trained = load_run(run, device=device)
+    loss = trained.cfg.loss
+    batch = [(labels, feats.float(), attn) for _, labels, feats, attn in
+             feature_batches(trained.backbone, build_dataset(trained.cfg, "val"), max_images, attention=True)]
+    labels, feats, attn = (torch.cat(parts) for parts in zip(*batch))
+    grid = tuple(feats.shape[-2:])
+    label_map = patch_labels(labels.to(feats.device), grid)  # (B, h, w)
+    flat = label_map.reshape(-1)
+    out = {"label_base_rate": label_base_rate(flat)}
+    sets = {"ag": (F.normalize(to_rows(feats), dim=1), trained.pools.agnostic.to(feats.device)),
+            "sp": (F.normalize(to_rows(trained.ema(feats)), dim=1), trained.pools.specific.to(feats.device))}
+    for name, (x, pool) in sets.items():
+        mask = positive_mask(x, x, criterion(x, pool), criterion(x, pool), symmetric=loss.symmetric)
+        precision = positive_precision(mask, flat, flat)
+        out[f"{name}_precision"] = float(precision[~precision.isnan()].mean())
+        out[f"{name}_positives"] = float(mask.sum(1).double().mean())
+    weights = local_weights(attn, grid, sigma=loss.sigma, style=loss.style)  # (B, 9, h, w), 0 = not kept
+    padded = F.pad(label_map[:, None].double(), (1, 1, 1, 1), value=-1.0)
+    neighbours = F.unfold(padded, 3).view(label_map.shape[0], 9, *grid).long()  # the same order as the weights
+    centre = label_map[:, None]
+    valid = (centre >= 0) & (neighbours >= 0)
+    valid[:, 4] = False  # the anchor itself
+    same = neighbours == centre
+    kept = valid & (weights > 0)
+    out["lhp_precision"] = float(same[kept].double().mean()) if kept.any() else float("nan")
+    out["neighbour_base_rate"] = float(same[valid].double().mean())
+    return out

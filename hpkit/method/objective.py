@@ -42,8 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hpkit.method import reference as _reference
-from hpkit.method._kernels import (GradientInForward, bernoulli_mask, default_chunk_size, official_pass, paper_pass,
-                                   self_contrastive_pass, upcast)
+from hpkit.method._kernels import (
+    GradientInForward,
+    bernoulli_mask,
+    default_chunk_size,
+    official_pass,
+    paper_pass,
+    self_contrastive_pass,
+    upcast,
+)
 from hpkit.method.global_positives import criterion
 
 __all__ = [

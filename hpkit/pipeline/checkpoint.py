@@ -14,9 +14,9 @@ import torch
 
 from hpkit._util import atomic_write
 from hpkit.backbones.vit import FrozenViT, load_backbone
-from hpkit.pipeline.config import Config, from_dict
 from hpkit.method.heads import MomentumHead, ProjectionHead, SegmentationHead
 from hpkit.method.pools import ReferencePools
+from hpkit.pipeline.config import Config, from_dict
 from hpkit.pipeline.probes import ClusterProbe, LinearProbe
 
 __all__ = ["CHECKPOINT", "RUN_FILES", "DERIVED_FILES", "save_checkpoint", "load_checkpoint", "load_run", "TrainedRun",

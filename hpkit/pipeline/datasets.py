@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from hpkit.pipeline.config import CHOICES, Config, crops
-from hpkit.data.folder import ImageFolder, FolderLayout, scan_folder
+from hpkit.data.folder import FolderLayout, ImageFolder, scan_folder
 from hpkit.data.synthetic import SyntheticScenes
+from hpkit.pipeline.config import CHOICES, Config, crops
 
 __all__ = ["build_dataset", "DATASET_NAMES", "crops", "UNLABELLED_CLUSTERS"]
 

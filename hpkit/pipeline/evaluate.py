@@ -26,13 +26,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from hpkit.backbones.vit import FrozenViT
 from hpkit._util import atomic_write
+from hpkit.backbones.vit import FrozenViT
+from hpkit.method.heads import SegmentationHead, to_rows
 from hpkit.pipeline.checkpoint import load_run, run_folder
 from hpkit.pipeline.crf import MISSING_MESSAGE as CRF_MISSING
 from hpkit.pipeline.crf import crf_available, crf_batch
 from hpkit.pipeline.datasets import build_dataset
-from hpkit.method.heads import SegmentationHead, to_rows
 from hpkit.pipeline.metrics import confusion_matrix, segmentation_metrics
 from hpkit.pipeline.probes import KMEANS_RESTARTS, ClusterProbe, LinearProbe
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from hpkit.data.folder import default_colors, load_rgb, resize_shorter
 from hpkit.pipeline.checkpoint import TrainedRun, load_run
 from hpkit.pipeline.crf import dense_crf
 from hpkit.pipeline.probes import ClusterProbe
-from hpkit.data.folder import default_colors, load_rgb, resize_shorter
 
 __all__ = ["segment", "Segmentation", "MAX_PIXELS", "save_label_png"]
 

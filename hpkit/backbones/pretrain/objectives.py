@@ -15,8 +15,13 @@ from torch import Tensor
 
 from hpkit._util import sequence_generator
 from hpkit.backbones.pretrain.config import PretrainConfig
-from hpkit.backbones.pretrain.losses import (dense_dino_loss, dense_vicreg_loss, dino_loss, region_contrast_loss,
-                                             similarity_keep_loss)
+from hpkit.backbones.pretrain.losses import (
+    dense_dino_loss,
+    dense_vicreg_loss,
+    dino_loss,
+    region_contrast_loss,
+    similarity_keep_loss,
+)
 from hpkit.backbones.pretrain.model import _apply_rows
 from hpkit.backbones.pretrain.regions import region_ids
 from hpkit.backbones.pretrain.state import RunState
