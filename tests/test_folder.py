@@ -186,3 +186,18 @@ def test_fingerprint_notices_replaced_added_and_removed_photos(tmp_path):
     (root / "train" / "images" / "0002.jpg").unlink()  # removed, with its label map
     third = scan_folder(root).fingerprint()
     assert len({first, second, third}) == 3
+
+
+def test_centre_crop_is_the_floor_centre_for_odd_margins(tmp_path):
+    """A 163x120 photo at 64 px: the shorter side becomes 64, the longer round(163 * 64 / 120) = 87, so
+    23 columns are left and the centre crop starts at 23 // 2 = 11 (rounding 11.5 half-to-even would give 12)."""
+    from hpkit.data.transforms import resize_crop
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (120, 163, 3), dtype=np.uint8))
+    resized = np.asarray(photo.resize((87, 64), Image.BILINEAR))
+    expected = resized[:, 11:75]
+    assert np.array_equal(np.asarray(resize_crop(photo, 64, Image.BILINEAR)), expected)
+    photo.save(tmp_path / "a.png")
+    image, _ = ImageFolder(tmp_path, image_size=64, crop="center")[0]
+    assert np.array_equal((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), expected)

@@ -76,11 +76,15 @@ def resize_shorter(img: Image.Image, size: int, resample: int, multiple: int | N
     return img.resize((nw, nh), resample)
 
 
-def _resize_crop(img: Image.Image, size: int, resample: int, offset: float = 0.5) -> Image.Image:
-    """Shorter side to ``size``, then the ``size`` square at ``offset`` (0 = left/top, 0.5 = centre)."""
+def _resize_crop(img: Image.Image, size: int, resample: int, offset: float | None = None) -> Image.Image:
+    """Shorter side to ``size``, then the ``size`` square at ``offset`` (0 = left/top, 1 = right/bottom;
+    None = the centre, ``(w - size) // 2`` as the paper datasets' loaders have always cropped)."""
     img = resize_shorter(img, size, resample)
     w, h = img.size
-    left, top = round((w - size) * offset), round((h - size) * offset)
+    if offset is None:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left, top = round((w - size) * offset), round((h - size) * offset)
     return img.crop((left, top, left + size, top + size))
 
 
@@ -311,9 +315,9 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _offset(self, index: int) -> float:
+    def _offset(self, index: int) -> float | None:
         if self.crop == "center":
-            return 0.5
+            return None
         return float(torch.rand((), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + index)))
 
     def _geometry(self, img: Image.Image, index: int, resample: int) -> Image.Image:
