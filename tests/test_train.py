@@ -49,6 +49,13 @@ def test_bad_settings_and_divergence(tmp_path):
         train(get_config("demo", TINY + ["loss.pool_size=64"]), tmp_path / "big_pool", progress=False)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(get_config("demo", TINY), tmp_path / "new", resume=True, progress=False)
+    earlier = tmp_path / "earlier"  # checks that need the backbone also run before force deletes a run
+    earlier.mkdir()
+    (earlier / "checkpoint.pt").write_text("an earlier run")
+    (earlier / "eval.json").write_text("{}")
+    with pytest.raises(ValueError, match="larger than the 24 training images"):
+        train(get_config("demo", TINY + ["loss.pool_size=64"]), earlier, force=True, progress=False)
+    assert (earlier / "checkpoint.pt").read_text() == "an earlier run" and (earlier / "eval.json").is_file()
     with pytest.raises(TrainingDiverged, match="at step 0"):
         train(get_config("demo", TINY + ["loss.tau=1e-30"]), tmp_path / "nan", progress=False)
 

@@ -199,20 +199,20 @@ def prepare_data(cfg: Config, *, validate: bool = True) -> tuple[Dataset, Datase
     return data, val_data, n_classes, k, notes
 
 
-
-
 def _train(cfg: Config, out: Path, resume: bool, force: bool, max_steps: int | None, progress: bool,
            device: torch.device, rank: int, world: int, on_step: Callable[[dict], None] | None) -> dict:
     main = rank == 0
     torch.manual_seed(cfg.train.seed)
     data, val_data, n_classes, n_clusters, notes = prepare_data(cfg, validate=bool(cfg.train.val_every) and main)
-    if main:  # after the data checks: bad input never costs a run that --force was about to replace
+    backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
+    _check_sizes(cfg, backbone, len(data), world)
+    if resume and not (out / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+    if main:  # after every check: bad input never costs a run that --force was about to replace
         out.mkdir(parents=True, exist_ok=True)
         prepare_run_folder(out, resume=resume, force=force)
         for note in notes:
             print(f"note: {note}")
-    backbone = load_backbone(cfg.model.backbone, weights=cfg.model.weights, device=device)
-    _check_sizes(cfg, backbone, len(data), world)
     amp, fp16 = autocast(cfg.train.amp, device, "train.amp")
     state = _new_state(cfg, backbone, max(n_classes, 1), n_clusters, device, fp16)
     if resume:
@@ -353,8 +353,6 @@ def _save(state: TrainState, cfg: Config, out: Path) -> None:
 
 def _restore(state: TrainState, out: Path, device: torch.device) -> None:
     """Load everything :func:`_save` wrote (``--resume``)."""
-    if not (out / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT} does not exist")
     saved = load_checkpoint(out, device)
     for name in PARTS:
         getattr(state.model, name).load_state_dict(saved[name])
