@@ -1,6 +1,7 @@
 """The notebooks' workspace: a run is trained once per configuration and backbone, then reused."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,23 @@ def test_new_weights_in_the_same_file_make_a_new_run(tmp_path, monkeypatch):
     save_file({**state, "pos_embed": state["pos_embed"] + torch.ones(())}, str(path))  # same name, new content
     other = trained_run(cfg, workspace=tmp_path / "ws")
     assert other != run and len(calls) == 2
+
+
+def test_resolving_the_backbone_loads_nothing_and_keeps_the_notice():
+    """Working out a run's key names what "auto" picks without building it, so the one-line notice is
+    still printed (once) when training loads the backbone."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hpkit.lessons import notebook_config, resolved_backbone; import hpkit\n"
+            "cfg = notebook_config()\n"
+            "name = resolved_backbone(cfg); name = resolved_backbone(cfg)\n"
+            "print('BUILT', 'timm.models.vision_transformer' in sys.modules and "
+            "any(type(o).__name__ == 'VisionTransformer' for o in __import__('gc').get_objects()))\n"
+            "vit = hpkit.load_backbone('auto'); hpkit.load_backbone('auto')\n"
+            "print('SAME', name == vit.name)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert "BUILT False" in result.stdout and "SAME True" in result.stdout, result.stdout + result.stderr
+    notices = [line for line in result.stderr.splitlines() if line.startswith("hpkit: no DINO")]
+    assert len(notices) == 1, result.stderr

@@ -34,7 +34,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BackboneSpec", "BACKBONES", "BackboneOutput", "FrozenViT", "load_backbone", "weights_dir",
+__all__ = ["BackboneSpec", "BACKBONES", "BackboneOutput", "FrozenViT", "load_backbone", "auto_choice", "weights_dir",
            "load_state_dict_file", "BackboneWeightsError", "weights_source", "file_sha256"]
 
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
@@ -327,6 +327,28 @@ def _notice(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def auto_choice(weights: str | Path | None = None) -> tuple[str, str | Path | None, str | None]:
+    """What ``load_backbone("auto", weights=weights)`` loads on this machine, without building anything:
+    ``(backbone name, weights, the one-line notice it prints or None)``.
+
+    A file hpkit exported names the architecture it fits; any other file is DINO ViT-S/8 weights. Without a
+    file: DINO ViT-S/8 when its weights are here, else the bundled ``hp-tiny``, else ``random_tiny``.
+    """
+    if weights is not None:
+        exported = _exported_architecture(weights)
+        return (exported, weights, None) if exported else ("dino_vits8", Path(weights), None)
+    found = _local_weights(BACKBONES["dino_vits8"])
+    if found is not None:
+        return "dino_vits8", found, None
+    if BUNDLED_WEIGHTS.is_file():
+        return "hp-tiny", None, ("hpkit: no DINO ViT-S/8 weights on this machine; using the bundled 'hp-tiny' "
+                                 "backbone (a tiny ViT that hpkit pretrained self-supervised on its synthetic scenes "
+                                 "only; data/README.md). See README 'Backbones'.")
+    return "random_tiny", None, ("hpkit: no DINO ViT-S/8 weights and no bundled 'hp-tiny' file on this machine; "
+                                 "using the randomly initialised 'random_tiny' backbone (features are meaningless). "
+                                 "See README 'Backbones'.")
+
+
 def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
                   device: str | torch.device = "cpu") -> FrozenViT:
     """Build a frozen ViT backbone.
@@ -346,20 +368,10 @@ def load_backbone(name: str = "auto", *, weights: str | Path | None = None,
         BackboneWeightsError: pretrained weights were requested but are neither local nor downloadable.
         ValueError: unknown name.
     """
-    if name == "auto" and weights is not None:  # a file hpkit exported names the architecture it fits
-        name = _exported_architecture(weights) or name
     if name == "auto":
-        found = _local_weights(BACKBONES["dino_vits8"]) if weights is None else Path(weights)
-        if found is not None:
-            return load_backbone("dino_vits8", weights=found, device=device)
-        if BUNDLED_WEIGHTS.is_file():
-            _notice("hpkit: no DINO ViT-S/8 weights on this machine; using the bundled 'hp-tiny' backbone (a tiny "
-                    "ViT that hpkit pretrained self-supervised on its synthetic scenes only; data/README.md). See "
-                    "README 'Backbones'.")
-            return load_backbone("hp-tiny", device=device)
-        _notice("hpkit: no DINO ViT-S/8 weights and no bundled 'hp-tiny' file on this machine; using the randomly "
-                "initialised 'random_tiny' backbone (features are meaningless). See README 'Backbones'.")
-        name = "random_tiny"
+        name, weights, notice = auto_choice(weights)
+        if notice:
+            _notice(notice)
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or 'auto'")
     spec = BACKBONES[name]

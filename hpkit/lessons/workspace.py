@@ -75,15 +75,11 @@ def photos_config(root: str | Path, *, backbone: str = "auto", device: str = "cp
 
 def resolved_backbone(cfg: Config) -> str:
     """What ``cfg.model.backbone`` loads on this machine (a name, plus the weights file if one is given)."""
-    from hpkit.backbones.vit import load_backbone
+    from hpkit.backbones.vit import auto_choice
 
     name = cfg.model.backbone
     if name == "auto" and cfg.model.weights is None:
-        import contextlib
-        import io
-
-        with contextlib.redirect_stderr(io.StringIO()):  # the one-line notice is printed by training itself
-            name = load_backbone("auto").name
+        name = auto_choice()[0]  # what loading would pick, without loading (training prints the notice)
     return f"{name}:{cfg.model.weights}" if cfg.model.weights else name
 
 
