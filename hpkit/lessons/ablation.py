@@ -44,7 +44,6 @@ from matplotlib.figure import Figure
 from hpkit._util import memory_in_use_mb, peak_memory_mb, reset_peak_memory, resolve_device
 from hpkit.lessons.workspace import resolved_backbone, trained_run, workspace_dir
 from hpkit.pipeline.config import Config, dumps, from_dict, override, to_dict
-from hpkit.pipeline.train import train
 
 __all__ = ["AblationRow", "TABLE4", "TABLE5", "PAPER_COST_RATIO", "PAPER_CLAIMS", "METRICS", "table4_specs",
            "table5_specs", "sweep_specs", "size_overrides", "run_ablation", "summarize", "compare_claims",
@@ -340,6 +339,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]
 def _measure_cost() -> None:
     """Run in a fresh process by :func:`step_cost`: read ``{"config", "steps"}`` from stdin, train, and print
     one ``HPKIT_COST {json}`` line with the per-step seconds and the memory before and at peak (MiB)."""
+    from hpkit.pipeline.train import train  # only in the measuring process: importing ablation stays light
+
     job = json.loads(sys.stdin.read())
     cfg = from_dict(job["config"])
     device = resolve_device(cfg.train.device)

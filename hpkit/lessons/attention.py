@@ -120,8 +120,13 @@ def head_agreement(attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int])
     Args:
         attn: (heads, P, P) logits; anchor: ``(y, x)``; grid: ``(h, w)``.
     """
-    maps = attention_maps(attn, anchor, grid)[:-1].flatten(1).double()
-    return 1.0 if maps.shape[0] < 2 else float(torch.corrcoef(maps).min())
+    return _agreement(attention_maps(attn, anchor, grid))
+
+
+def _agreement(maps: Tensor) -> float:
+    """The lowest pairwise correlation of the heads' maps in :func:`attention_maps`' (heads + 1, h, w)."""
+    heads = maps[:-1].flatten(1).double()
+    return 1.0 if heads.shape[0] < 2 else float(torch.corrcoef(heads).min())
 
 
 def plot_attention_heads(image, attn: Tensor, anchor: tuple[int, int], grid: tuple[int, int], *,
@@ -134,8 +139,9 @@ def plot_attention_heads(image, attn: Tensor, anchor: tuple[int, int], grid: tup
     Args:
         image: (H, W, 3) or (3, H, W) in [0, 1]; attn: (heads, P, P) logits; anchor: ``(y, x)``.
     """
-    maps = attention_maps(attn, anchor, grid).cpu().numpy()
-    agreement = head_agreement(attn, anchor, grid)
+    maps = attention_maps(attn, anchor, grid).cpu()
+    agreement = _agreement(maps)
+    maps = maps.numpy()
     heads = maps.shape[0] - 1
     shown = list(range(heads)) if agreement <= SAME_HEADS else []
     img = _image(image)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 
 from hpkit._util import to_uint8
 from hpkit.data.folder import default_colors
+from hpkit.lessons.plots import read_history
 from hpkit.method.heads import to_rows
 from hpkit.pipeline.checkpoint import load_run
 from hpkit.pipeline.crf import crf_available, crf_batch
@@ -168,16 +168,6 @@ def format_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
-def _load_history(run: str | Path | Mapping) -> Mapping:
-    if isinstance(run, Mapping):
-        return run
-    path = Path(run)
-    path = path / "history.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no training history at {path}: train a run first")
-    return json.loads(path.read_text())
-
-
 def plot_runs(runs: Mapping[str, str | Path | Mapping], *, title: str | None = None) -> Figure:
     """Training curves of several runs on shared axes: HP loss, lambda, cluster and linear probe mIoU.
 
@@ -189,7 +179,7 @@ def plot_runs(runs: Mapping[str, str | Path | Mapping], *, title: str | None = N
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), layout="constrained")
     for i, (name, run) in enumerate(runs.items()):
-        h = _load_history(run)
+        h = read_history(run)
         color = f"C{i}"
         steps, validation = h.get("steps", []), h.get("validation", [])
         x = [e["step"] for e in steps]

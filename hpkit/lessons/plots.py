@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,14 +19,16 @@ from PIL import Image
 
 from hpkit._util import to_uint8
 from hpkit.data.folder import default_colors  # noqa: F401 - part of this module's API
-from hpkit.pipeline.inference import Segmentation
 
-__all__ = ["plot_history", "plot_confusion", "colorize", "legend_handles", "plot_segmentation", "default_colors",
-           "plot_cluster_gallery",
-           "plot_photo_segmentation", "plot_patch_maps", "headless"]
+if TYPE_CHECKING:  # for the annotation only: drawing needs no model code
+    from hpkit.pipeline.inference import Segmentation
+
+__all__ = ["read_history", "plot_history", "plot_confusion", "colorize", "legend_handles", "plot_segmentation",
+           "default_colors", "plot_cluster_gallery", "plot_photo_segmentation", "plot_patch_maps", "headless"]
 
 
-def _history(history: dict | str | Path) -> dict:
+def read_history(history: dict | str | Path) -> dict:
+    """A run's history: the dict itself, or ``history.json`` read from a run folder or its path."""
     if isinstance(history, (str, Path)):
         path = Path(history)
         path = path / "history.json" if path.is_dir() else path
@@ -47,7 +50,7 @@ def plot_history(history: dict | str | Path, *, title: str | None = None) -> Fig
     Args:
         history: a run folder, its ``history.json``, or the dict ``train`` returned.
     """
-    h = _history(history)
+    h = read_history(history)
     steps = h.get("steps", h.get("history", []))
     validation = h.get("validation", [])
     fig, axes = plt.subplot_mosaic([["loss", "val"], ["lambda", "val"]], figsize=(11, 4.2), layout="constrained",

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from hpkit._util import to_uint8
 from hpkit.method.global_positives import criterion, positive_mask
 from hpkit.method.heads import to_rows
-from hpkit.method.local_positives import local_weights
+from hpkit.method.local_positives import local_weights, neighbour_index
 from hpkit.method.pools import sample_patches
 from hpkit.pipeline.checkpoint import load_run
 from hpkit.pipeline.datasets import build_dataset
@@ -340,18 +340,19 @@ def run_positive_diagnostics(run, *, max_images: int = 8, device: str = "cpu") -
     sets = {"ag": (F.normalize(to_rows(feats), dim=1), trained.pools.agnostic.to(feats.device)),
             "sp": (F.normalize(to_rows(trained.ema(feats)), dim=1), trained.pools.specific.to(feats.device))}
     for name, (x, pool) in sets.items():
-        mask = positive_mask(x, x, criterion(x, pool), criterion(x, pool), symmetric=loss.symmetric)
+        c = criterion(x, pool)  # Eq. 2
+        mask = positive_mask(x, x, c, c, symmetric=loss.symmetric)  # Eq. 3 / 4
         precision = positive_precision(mask, flat, flat)
         out[f"{name}_precision"] = float(precision[~precision.isnan()].mean())
         out[f"{name}_positives"] = float(mask.sum(1).double().mean())
     weights = local_weights(attn, grid, sigma=loss.sigma, style=loss.style)  # (B, 9, h, w), 0 = not kept
-    padded = F.pad(label_map[:, None].double(), (1, 1, 1, 1), value=-1.0)
-    neighbours = F.unfold(padded, 3).view(label_map.shape[0], 9, *grid).long()  # the same order as the weights
-    centre = label_map[:, None]
-    valid = (centre >= 0) & (neighbours >= 0)
-    valid[:, 4] = False  # the anchor itself
+    index, inside = neighbour_index(*grid, device=label_map.device)  # (P, 9), the weights' order
+    rows = label_map.flatten(1)  # (B, P)
+    neighbours, centre = rows[:, index], rows[:, :, None]  # (B, P, 9), (B, P, 1)
+    valid = inside & (centre >= 0) & (neighbours >= 0)
+    valid[:, :, 4] = False  # the anchor itself
     same = neighbours == centre
-    kept = valid & (weights > 0)
+    kept = valid & (weights.flatten(2).transpose(1, 2) > 0)
     out["lhp_precision"] = float(same[kept].double().mean()) if kept.any() else float("nan")
     out["neighbour_base_rate"] = float(same[valid].double().mean())
     return out

@@ -1,7 +1,7 @@
 """Segment a photo with a trained run, on CPU, at any image size, in bounded memory.
 
 ``segment(image, run_dir)`` returns a label map of the photo's own size, its names and colours, an
-overlay, and :meth:`Segmentation.figure` (photo | labels with a legend). The photo is resized so
+and an overlay (``hpkit.lessons.plot_photo_segmentation`` draws photo | labels with a legend). The photo is resized so
 its shorter side is ``size`` (default: the run's ``data.val_size``; both sides rounded to the
 backbone's patch), so a 4000 x 3000 photo costs what a 427 x 320 one does; features are optionally
 averaged with the horizontal flip (as STEGO's evaluation). The cluster scores are bilinearly
@@ -45,7 +45,6 @@ class Segmentation:
     image: Image.Image  # the photo (RGB)
     named: str = "clusters"  # "clusters" (cluster k) or "classes" (matched by hpkit eval)
     note: str = ""  # how to read the names (e.g. that they are the synthetic demo's classes)
-
 
 
 def save_label_png(labels: np.ndarray, path: str | Path) -> Path:

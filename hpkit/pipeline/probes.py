@@ -57,10 +57,6 @@ class ClusterProbe(nn.Module):
         ``-log softmax`` of them. alpha = 2 sharpens cosines in [-1, 1] as STEGO and HP do."""
         return alpha * scores
 
-    def log_probs(self, s: Tensor, alpha: float = 2.0) -> Tensor:
-        """(B, K, h, w) ``log_softmax(alpha * cosine)``, the unary used for the CRF."""
-        return F.log_softmax(self.crf_logits(self(s), alpha), dim=1)
-
     @classmethod
     def from_kmeans(cls, features: Tensor, n_clusters: int, *, seed: int = 0, restarts: int = 1,
                     progress: bool = False) -> "ClusterProbe":

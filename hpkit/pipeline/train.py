@@ -396,13 +396,15 @@ def _feature_cache(ctx: StepContext, data: Dataset, out: Path, main: bool) -> Fe
 def _refit(ctx: StepContext, state: TrainState, data: Dataset, cache: FeatureCache | None, device: torch.device,
            main: bool, progress: bool) -> None:
     """Refit the cluster probe on the final head (``train.probe_refit_epochs``), from cached features."""
-    def features(idx: Tensor) -> Tensor:
-        def compute(missing: Tensor) -> dict[str, Tensor]:  # images are read only for rows not cached
-            return clean_view(ctx, torch.stack([data[int(i)][0] for i in idx[missing]]).to(device))
+    def images(rows: Tensor) -> Tensor:
+        return torch.stack([data[int(i)][0] for i in rows]).to(device)
 
-        if cache is None:
-            return compute(torch.arange(len(idx)))["feats"]
-        return cache.lookup(idx, compute, device)["feats"]
+    def features(idx: Tensor) -> Tensor:
+        if cache is None:  # features only: the LHP weights would be thrown away
+            with ctx.amp:
+                return ctx.backbone(images(idx), attention=False).feats.float()
+        # images are read only for rows not cached; the cache stores the weights with them
+        return cache.lookup(idx, lambda missing: clean_view(ctx, images(idx[missing])), device)["feats"]
 
     if main:
         refit_cluster_probe(state.model, features, len(data), ctx.cfg, progress=progress)
