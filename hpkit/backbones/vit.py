@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["BackboneSpec", "BACKBONES", "BackboneOutput", "FrozenViT", "load_backbone", "auto_choice", "weights_dir",
-           "load_state_dict_file", "BackboneWeightsError", "weights_source", "file_sha256"]
+           "load_state_dict_file", "BackboneWeightsError", "weights_source", "file_sha256",
+           "read_backbone_metadata"]
 
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
 
@@ -300,18 +301,24 @@ def _load_into(vit: nn.Module, path: Path, name: str) -> None:
             f"{result.unexpected_keys[:5]}; check that the file is for this architecture")
 
 
+def read_backbone_metadata(path: str | Path) -> dict | None:
+    """The ``hpkit`` metadata of a ``.safetensors`` backbone file that hpkit wrote, or None."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("hpkit")
+    return json.loads(raw) if raw else None
+
+
 def _exported_architecture(path: str | Path) -> str | None:
     """The backbone name an hpkit-exported ``.safetensors`` file loads as (its ``loads_as``), else None."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    import json
-
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("hpkit", "null")) or {}
+        meta = read_backbone_metadata(path) or {}
     except (OSError, ValueError):
         return None
     return meta.get("loads_as") if meta.get("loads_as") in BACKBONES else None

@@ -147,7 +147,7 @@ def hp_step(ctx: StepContext, state: TrainState, images: Tensor, labels: Tensor,
         z_mix = outs["z_mix"].float() if outs["z_mix"] is not None else None
         neighbours = weights if loss_cfg.lhp and loss_cfg.propagation == "loss" else None
         loss = hp_objective(z, F.normalize(to_rows(f), dim=1), F.normalize(to_rows(s_ema.float()), dim=1),
-                            state.pools.agnostic.to(f.device), state.pools.specific.to(f.device),
+                            state.pools.agnostic, state.pools.specific,
                             patches_per_image=ctx.grid[0] * ctx.grid[1], lam=lam, tau=loss_cfg.tau,
                             rho=loss_cfg.rho, z_mix=z_mix, style=loss_cfg.style, symmetric=loss_cfg.symmetric,
                             task_specific=loss_cfg.task_specific, neighbour_weights=neighbours, generator=draws,

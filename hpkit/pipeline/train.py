@@ -335,6 +335,7 @@ def _new_pools(cfg: Config, backbone: FrozenViT, data: Dataset, ema: MomentumHea
     bank = collect_patch_bank(backbone, loader, cfg.loss.pool_size, generator=generator(cfg.train.seed, -2),
                               device=device, progress=progress)
     pools = ReferencePools(bank, cfg.loss.pool_size, generator=generator(cfg.train.seed, -3))
+    pools.agnostic = pools.agnostic.to(device)  # fixed for the run: moved once, not every step (Q^sp is there already)
     pools.refresh_specific(ema, generator=generator(cfg.train.seed, -4))
     return pools
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from hpkit._util import atomic_write
 from hpkit.backbones.pretrain.config import _TINY, CHECKPOINT, PretrainConfig, _config_dict, trains_teacher
-from hpkit.backbones.vit import file_sha256
+from hpkit.backbones.vit import file_sha256, read_backbone_metadata  # noqa: F401 - part of this module's API
 
 __all__ = ["export_backbone", "save_backbone_file", "read_backbone_metadata", "load_init_weights"]
 
@@ -88,15 +88,6 @@ def export_backbone(source: str | Path, path: str | Path, *, dtype: str = "float
                                 "metadata": state.get("init_weights_metadata")}
 
     return save_backbone_file(weights, path, meta)
-
-
-def read_backbone_metadata(path: str | Path) -> dict | None:
-    """The ``hpkit`` metadata of a ``.safetensors`` backbone file (:func:`save_backbone_file`), or None."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("hpkit")
-    return json.loads(raw) if raw else None
 
 
 def save_backbone_file(weights: dict[str, Tensor], path: str | Path, meta: dict) -> Path:
