@@ -143,11 +143,11 @@ def align_attention(backbone: FrozenViT, cfg: AlignConfig | None = None, *, prog
 
 
 def align_file(source: str | Path, out: str | Path, cfg: AlignConfig | None = None, *,
-               backbone: str = "random_tiny", progress: bool = True) -> Path:
+               backbone: str = "random_tiny", progress: bool = True, extra_meta: dict | None = None) -> Path:
     """Load ``source`` (a ``.safetensors`` backbone, e.g. from ``hpkit pretrain --export``) into the
     ``backbone`` architecture, align its attention, and write ``out`` (.safetensors and .json). The
     metadata records the settings, the source file's sha256 and the source's own metadata, so the
-    whole recipe travels with the file."""
+    whole recipe travels with the file; ``extra_meta`` adds entries (e.g. the recipe's record)."""
     cfg = cfg or AlignConfig()
     source, out = Path(source), Path(out)
     if out.suffix != ".safetensors":
@@ -166,7 +166,7 @@ def align_file(source: str | Path, out: str | Path, cfg: AlignConfig | None = No
             "alignment_seconds": round(result["seconds"], 1),
             "first_loss": result["history"][0]["loss"], "final_loss": result["history"][-1]["loss"],
             "source_sha256": file_sha256(source), "source": source_meta}
-    return save_backbone_file(weights, out, meta)
+    return save_backbone_file(weights, out, meta | (extra_meta or {}))
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m hpkit.backbones.alignment") -> None:

@@ -75,20 +75,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from hpkit._util import atomic_write
 from hpkit.backbones.alignment import AlignConfig, align_attention, align_file
-from hpkit.backbones.pretrain import (
-    CHECKPOINT,
-    PretrainConfig,
-    export_backbone,
-    pretrain,
-    pretraining_images,
-    read_backbone_metadata,
-    save_backbone_file,
-)
+from hpkit.backbones.pretrain import CHECKPOINT, PretrainConfig, export_backbone, pretrain, pretraining_images
 from hpkit.backbones.vit import file_sha256, load_backbone
 
 __all__ = ["Recipe", "Plan", "RECIPES", "split_budget", "make_plan", "stage_configs", "steps_for_minutes",
@@ -471,9 +462,8 @@ def run_recipe(out: str | Path, *, recipe: str = "hp-tiny", dataset: str = "fold
             print(f"hpkit: stage 3/3 ({names[2]}): done before, {export} kept")
         else:
             print(f"hpkit: stage 3/3 ({names[2]}, {s3} steps)", flush=True)
-            align_file(stage2_export, export, c3, progress=progress)
             # The file's metadata: the chain of the three stages (as the bundled file's) plus recipe.json.
-            save_backbone_file(load_file(str(export)), export, read_backbone_metadata(export) | {"recipe": record})
+            align_file(stage2_export, export, c3, progress=progress, extra_meta={"recipe": record})
     except KeyboardInterrupt:
         print("hpkit: interrupted; rerun the same command to continue where it stopped", file=sys.stderr, flush=True)
         raise
