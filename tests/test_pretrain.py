@@ -603,3 +603,24 @@ def test_cli_pretrain_takes_set_like_hpkit_train(tmp_path, capsys):
                      "batch_size=16", "--no-progress"])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and message in err, (setting, err)
+
+
+def test_pretraining_on_a_labelled_folder_never_reads_its_label_maps(tmp_path, capsys):
+    """Labels are not used for pretraining, so a broken label map neither stops it nor is opened."""
+    from hpkit.__main__ import main
+    from hpkit.backbones.pretrain import pretraining_images
+    from hpkit.data import scan_folder, write_scene_folder
+
+    root = tmp_path / "photos"
+    write_scene_folder(root, num_train=8, num_val=2)
+    broken = sorted((root / "train" / "labels").glob("*.png"))[0]
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot identify image file"):
+        scan_folder(root)  # training HP on it would stop: the labels are checked
+    data = pretraining_images("folder", str(root), None, 32, 0)
+    image, label = data[0]
+    assert image.shape == (3, 32, 32) and bool((label == -1).all())
+    args = [a for k, v in (TINY | {"dataset": "folder", "root": str(root), "num_images": 8, "amp": "off"}).items()
+            for a in ("--set", f"{k}={v}")]
+    assert main(["pretrain", str(tmp_path / "run"), *args, "--max-steps=1", "--no-progress"]) == 0, \
+        capsys.readouterr().err

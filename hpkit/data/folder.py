@@ -203,8 +203,11 @@ def _check_labels(images: list[Path], labels: list[Path]) -> dict[Path, int]:
     return top
 
 
-def scan_folder(root: str | Path) -> FolderLayout:
-    """Read and check a dataset folder (layout in the module docstring); raises on the first problem."""
+def scan_folder(root: str | Path, *, labels: bool = True) -> FolderLayout:
+    """Read and check a dataset folder (layout in the module docstring); raises on the first problem.
+
+    ``labels=False`` lists the images only: label maps are neither paired, checked nor read (for work
+    that never uses them, such as backbone pretraining)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -223,8 +226,8 @@ def scan_folder(root: str | Path) -> FolderLayout:
                 raise ValueError(f"the {split} split is empty: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                                  f"{image_dir}")
             label_dir = root / split / "labels"
-            labels = _pair_labels(split, image_dir, label_dir, images) if label_dir.is_dir() else None
-            splits[split] = FolderSplit(images, labels)
+            paired = _pair_labels(split, image_dir, label_dir, images) if labels and label_dir.is_dir() else None
+            splits[split] = FolderSplit(images, paired)
         if "val" not in splits:
             notes.append(f"{root} has no val split ({root / 'val' / 'images'}): metrics are computed on the "
                          "training images")

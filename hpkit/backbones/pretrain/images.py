@@ -17,9 +17,9 @@ def pretraining_images(dataset: str, root: str | None, num_images: int | None, i
         from hpkit.data.synthetic import SyntheticScenes
 
         return SyntheticScenes("train", num_images=num_images or 1000, image_size=image_size, seed=data_seed)
-    from hpkit.data.folder import ImageFolder
+    from hpkit.data.folder import ImageFolder, scan_folder
 
-    data = ImageFolder(root, image_size=image_size)
+    data = ImageFolder(root, image_size=image_size, layout=scan_folder(root, labels=False))  # label maps unread
     if num_images is not None and num_images < len(data):
         data = Subset(data, range(num_images))
     return data
