@@ -135,6 +135,7 @@ RANGES_BAD = [  # key, a value out of range, the range the message names
     ("optim.linear_lr", 0.0, "> 0"), ("optim.cluster_lr", 0.0, "> 0"), ("optim.grad_clip", 0.0, "> 0"),
     ("train.epochs", 0, ">= 1"), ("train.seed", -1, ">= 0"), ("train.val_every", -1, ">= 0"),
     ("train.val_images", 0, ">= 1"), ("train.probe_refit_epochs", -1, ">= 0"),
+    ("train.probe_refit_restarts", 0, ">= 1"),
 ]
 
 

@@ -55,6 +55,7 @@ from hpkit.pipeline.config import Config, to_dict
 from hpkit.pipeline.datasets import UNLABELLED_CLUSTERS, build_dataset
 from hpkit.pipeline.evaluate import has_labels, score
 from hpkit.pipeline.feature_cache import FeatureCache
+from hpkit.pipeline.probes import ClusterProbe
 from hpkit.pipeline.step import HPHeads, StepContext, TrainingDiverged, TrainState, clean_view, hp_step, photometric
 
 __all__ = ["train", "prepare_data", "refit_cluster_probe", "photometric", "HPHeads", "TrainingDiverged"]
@@ -67,20 +68,27 @@ def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_
                         progress: bool = False) -> None:
     """Re-initialise the cluster probe and train it alone on the final head (``train.probe_refit_epochs``).
 
-    The centroids restart from ``randn(K, D)`` drawn from ``torch.Generator().manual_seed(train.seed)``;
-    each epoch e visits the ``n_images`` train images in the order ``randperm(n_images)`` of
-    ``torch.Generator().manual_seed(train.seed + 1 + e)``, in batches of ``data.batch_size``; each
-    batch's backbone features (``features(indices)`` -> (B, C, h, w)) go through the head in eval
-    mode, and a fresh Adam (``optim.cluster_lr``) minimises :meth:`ClusterProbe.loss`.
+    Restart r of ``train.probe_refit_restarts`` (R) starts its centroids from ``randn(K, D)`` drawn from
+    ``torch.Generator().manual_seed(train.seed + 1000 * r)``; each epoch e visits the ``n_images`` train
+    images in the order ``randperm(n_images)`` of ``torch.Generator().manual_seed(train.seed + 1 + e)``,
+    in batches of ``data.batch_size``; each batch's backbone features (``features(indices)`` ->
+    (B, C, h, w)) go once through the head in eval mode, and each restart's own Adam
+    (``optim.cluster_lr``) minimises its :meth:`ClusterProbe.loss`. With R > 1 one more pass scores
+    every restart's loss over all train patches and the lowest is kept, as k-means keeps the restart
+    with the lowest inertia (:func:`hpkit.pipeline.probes.fit_kmeans`).
     """
     probe, head = model.cluster, model.head
     was_training = head.training
     head.eval()
+    k, dim = probe.centroids.shape
+    restarts = [ClusterProbe(dim, k).to(probe.centroids) for _ in range(cfg.train.probe_refit_restarts)]
     with torch.no_grad():
-        probe.centroids.copy_(torch.randn(probe.centroids.shape, generator=torch.Generator().manual_seed(
-            cfg.train.seed)).to(probe.centroids))
-    optimizer = torch.optim.Adam(probe.parameters(), lr=cfg.optim.cluster_lr)
-    bar = tqdm(total=cfg.train.probe_refit_epochs * math.ceil(n_images / cfg.data.batch_size), disable=not progress,
+        for r, candidate in enumerate(restarts):
+            candidate.centroids.copy_(torch.randn(probe.centroids.shape, generator=torch.Generator().manual_seed(
+                cfg.train.seed + 1000 * r)))
+    optimizers = [torch.optim.Adam(c.parameters(), lr=cfg.optim.cluster_lr) for c in restarts]
+    batches = math.ceil(n_images / cfg.data.batch_size)
+    bar = tqdm(total=(cfg.train.probe_refit_epochs + (len(restarts) > 1)) * batches, disable=not progress,
                desc="cluster probe refit", leave=False)
     for epoch in range(cfg.train.probe_refit_epochs):
         order = torch.randperm(n_images, generator=torch.Generator().manual_seed(cfg.train.seed + 1 + epoch))
@@ -88,10 +96,22 @@ def refit_cluster_probe(model: HPHeads, features: Callable[[Tensor], Tensor], n_
             bar.update(1)
             with torch.no_grad():
                 s = head(features(batch).float())
-            loss = probe.loss(s)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            for candidate, optimizer in zip(restarts, optimizers):
+                loss = candidate.loss(s)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    best = restarts[0]
+    if len(restarts) > 1:  # the loss over every train patch (batches weighted by their patch count)
+        totals = torch.zeros(len(restarts), dtype=torch.float64)
+        with torch.no_grad():
+            for batch in torch.arange(n_images).split(cfg.data.batch_size):
+                bar.update(1)
+                s = head(features(batch).float())
+                totals += torch.stack([c.loss(s).double().cpu() for c in restarts]) * len(batch)
+        best = restarts[int(totals.argmin())]
+    with torch.no_grad():
+        probe.centroids.copy_(best.centroids)
     bar.close()
     head.train(was_training)
 
