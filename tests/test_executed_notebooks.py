@@ -39,3 +39,18 @@ def test_the_check_sees_a_changed_cell():
     changed = json.loads(LESSONS[0].read_text())
     changed["cells"][-1]["source"] = ["# edited\n"]
     assert _cells(lesson) != _cells(changed)
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(lesson):
+    """``papermill --help-notebook`` and papermill's checks of ``-p`` read the parameters cell line by
+    line; a line it cannot parse (e.g. ``<=`` in a comment) drops that parameter with a warning."""
+    import ast
+
+    from papermill.translators import PythonTranslator
+
+    cell = next(c for c in json.loads(lesson.read_text())["cells"]
+                if "parameters" in c.get("metadata", {}).get("tags", []))
+    source = "".join(cell["source"])
+    assigned = [node.targets[0].id for node in ast.parse(source).body if isinstance(node, ast.Assign)]
+    assert [p.name for p in PythonTranslator.inspect({"source": source})] == assigned
