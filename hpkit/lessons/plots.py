@@ -60,7 +60,7 @@ def plot_history(history: dict | str | Path, *, title: str | None = None) -> Fig
     axes["loss"].set(ylabel="HP loss (Eq. 11)", title="HP loss per step (top), $\\lambda$ per step (bottom)")
     axes["loss"].tick_params(labelbottom=False)
     axes["lambda"].plot(x, [e["lambda"] for e in steps], color="tab:orange", lw=1.5)
-    axes["lambda"].set(xlabel="step", ylabel="$\lambda$", ylim=(-0.05, 1.05), yticks=[0, 0.5, 1])
+    axes["lambda"].set(xlabel="step", ylabel="$\\lambda$", ylim=(-0.05, 1.05), yticks=[0, 0.5, 1])
     axes["lambda"].sharex(axes["loss"])
     val = axes["val"]
     if validation:
