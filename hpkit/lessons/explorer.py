@@ -434,6 +434,10 @@ class GHPExplorer:
         h, w = self.grid
         return min(max(int(y * h / height), 0), h - 1), min(max(int(x * w / width), 0), w - 1)
 
+    def picker_height(self, size: int = PICKER_SIZE) -> int:
+        """Height in pixels of the picker picture ``size`` pixels wide (the images' aspect ratio)."""
+        return round(size * self.images.shape[-2] / self.images.shape[-1])
+
     def picker_picture(self, size: int = PICKER_SIZE) -> bytes:
         """PNG of the current image, ``size`` pixels wide, with the patch grid and the anchor boxed (black and
         yellow, visible on any colour): the picture a click chooses the anchor on."""
@@ -441,7 +445,7 @@ class GHPExplorer:
 
         h, w = self.grid
         image = Image.fromarray(to_uint8(self.images[self.image_index]))
-        height = round(size * image.height / image.width)
+        height = self.picker_height(size)
         image = image.resize((size, height), Image.NEAREST)
         draw = ImageDraw.Draw(image)
         cell_w, cell_h = size / w, height / h
@@ -504,8 +508,7 @@ class GHPExplorer:
         """Handle a click on the picker picture (an ipyevents ``click``: ``dataX``, ``dataY`` in its pixels)."""
         if event.get("dataX") is None or "pick" not in self._widgets:
             return
-        height = round(PICKER_SIZE * self.images.shape[-2] / self.images.shape[-1])
-        self.select(anchor=self.anchor_at(event["dataX"], event["dataY"], PICKER_SIZE, height))
+        self.select(anchor=self.anchor_at(event["dataX"], event["dataY"], PICKER_SIZE, self.picker_height()))
 
     def _redraw(self) -> None:
         if "pick" in self._widgets:
