@@ -75,22 +75,22 @@ from hpkit.backbones.pretrain.augment import MultiCrop
 from hpkit.backbones.pretrain.cli import main
 from hpkit.backbones.pretrain.config import _RUN_ONLY, CHECKPOINT, PretrainConfig, Terms, _config_dict, trains_teacher  # noqa: F401 (the tests and recipes read them)
 from hpkit.backbones.pretrain.export import (
-                                             export_backbone,
-                                             load_init_weights,
-                                             read_backbone_metadata,
-                                             save_backbone_file,
+    export_backbone,
+    load_init_weights,
+    read_backbone_metadata,
+    save_backbone_file,
 )
 from hpkit.backbones.pretrain.flags import add_config_flags, config_from_flags, parse_setting, parse_settings
 from hpkit.backbones.pretrain.geometry import correspondence, neighbour_points
 from hpkit.backbones.pretrain.images import pretraining_images
 from hpkit.backbones.pretrain.loop import PretrainingDiverged, pretrain
 from hpkit.backbones.pretrain.losses import (
-                                             dense_dino_loss,
-                                             dense_vicreg_loss,
-                                             dino_loss,
-                                             region_contrast_loss,
-                                             similarity_keep_loss,
-                                             vicreg_terms,
+    dense_dino_loss,
+    dense_vicreg_loss,
+    dino_loss,
+    region_contrast_loss,
+    similarity_keep_loss,
+    vicreg_terms,
 )
 from hpkit.backbones.pretrain.model import DINOHead, DINONet, build_vit, expander
 from hpkit.backbones.pretrain.regions import region_ids, region_masks
